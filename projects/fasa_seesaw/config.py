@@ -1,0 +1,39 @@
+# Copyright (c) fasa_seesaw contributors.
+from detectron2.config import CfgNode as CN
+
+
+def add_fasa_seesaw_config(cfg):
+    """
+    Add the keys of this project. Model keys live under MODEL.SEESAW and MODEL.NORMED_MASK_HEAD,
+    everything else under FASA_SEESAW; no core detectron2 key is reused.
+    """
+    _C = cfg
+
+    _C.MODEL.SEESAW = CN()
+    # Mitigation exponent p: M_ij = (N_j / N_i)^p when N_j < N_i. 0 switches mitigation off.
+    _C.MODEL.SEESAW.P = 0.8
+    # Compensation exponent q: C_ij = (sigma_j / sigma_i)^q when sigma_j > sigma_i. 0 switches it off.
+    _C.MODEL.SEESAW.Q = 2.0
+    # Lower clamp of the ground-truth class probability sigma_i in the compensation factor.
+    _C.MODEL.SEESAW.EPS = 0.01
+    # Weight of the Seesaw class loss (foreground RoIs, divided by the number of sampled RoIs).
+    _C.MODEL.SEESAW.LOSS_WEIGHT = 1.0
+    # Weight of the 2-way objectness loss (all sampled RoIs).
+    _C.MODEL.SEESAW.OBJECTNESS_LOSS_WEIGHT = 1.0
+    # Use the cosine (normalised) classifier for all C+2 outputs, as in the reference recipe.
+    _C.MODEL.SEESAW.NORMED_CLASSIFIER = True
+    # Temperature (scale) of the cosine classifier.
+    _C.MODEL.SEESAW.TEMPERATURE = 20.0
+    # Sum the per-class foreground counts over all processes (True), or keep them per process
+    # as the mmdetection reference does (False).
+    _C.MODEL.SEESAW.SYNC_COUNTS = True
+
+    _C.MODEL.NORMED_MASK_HEAD = CN()
+    # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
+    _C.MODEL.NORMED_MASK_HEAD.TEMPERATURE = 20.0
+
+    _C.FASA_SEESAW = CN()
+    # Print a one-line progress report with an ETA every this many iterations (0: off).
+    _C.FASA_SEESAW.PROGRESS_PERIOD = 20
+    # Fail early when MODEL.ROI_HEADS.NUM_CLASSES disagrees with the training dataset's categories.
+    _C.FASA_SEESAW.CHECK_NUM_CLASSES = True

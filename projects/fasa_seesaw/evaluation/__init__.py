@@ -1,0 +1,2 @@
+# Copyright (c) fasa_seesaw contributors.
+from .lvis_evaluation import LongTailLVISEvaluator, lvis_numpy2_compat

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+# Copyright (c) fasa_seesaw contributors.
+"""
+Train and evaluate Mask R-CNN / Cascade Mask R-CNN with Seesaw Loss on LVIS-format data.
+
+    python train_net.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_seesaw_quickstart.yaml
+    python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file CONFIG --num-gpus 8 --resume
+"""
+import logging
+import os
+import sys
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+
+from fasa_seesaw import ConfigError, add_fasa_seesaw_config
+from fasa_seesaw.data import prepare_datasets
+from fasa_seesaw.engine import ProgressHook, check_config
+from fasa_seesaw.evaluation import LongTailLVISEvaluator
+
+logger = logging.getLogger("fasa_seesaw.train_net")
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type != "lvis":
+            raise ConfigError(
+                f"Dataset '{dataset_name}' has evaluator_type={evaluator_type!r}; this project "
+                "evaluates LVIS-format datasets only. Register it with "
+                "fasa_seesaw.data.register_lvis_json_dataset (or detectron2's "
+                "register_lvis_instances) and list it in DATASETS.TEST."
+            )
+        return LongTailLVISEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        )
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # Built-in synthetic datasets are generated on first use: do it once, on one process.
+        _prepare_on_main_process(cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        _prepare_on_main_process([dataset_name])
+        return build_detection_test_loader(cfg, dataset_name)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        period = self.cfg.FASA_SEESAW.PROGRESS_PERIOD
+        if period > 0:
+            # Before the writer, which is the last hook.
+            hooks.insert(len(hooks) - 1, ProgressHook(period, self.cfg.SOLVER.MAX_ITER))
+        return hooks
+
+
+def _prepare_on_main_process(dataset_names):
+    if comm.is_main_process():
+        prepare_datasets(dataset_names)
+    comm.synchronize()
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_fasa_seesaw_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def check_output_dir(cfg, args):
+    """Refuse to train over someone's checkpoints unless asked to resume them."""
+    if args.eval_only or args.resume:
+        return
+    existing = [
+        f
+        for f in ("model_final.pth", "last_checkpoint")
+        if os.path.exists(os.path.join(cfg.OUTPUT_DIR, f))
+    ]
+    if existing:
+        raise ConfigError(
+            f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds {', '.join(existing)} from an earlier "
+            "run. Pass --resume to continue that run, or choose another OUTPUT_DIR "
+            "(e.g. append `OUTPUT_DIR output/new_run` to the command); nothing was overwritten."
+        )
+
+
+def main(args):
+    cfg = setup(args)
+    default_setup(cfg, args)
+    check_config(cfg)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        print_summary(res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    res = trainer.train()
+    print_summary(res)
+    return res
+
+
+def print_summary(results):
+    """One readable block with AP, APr, APc, APf for boxes and masks."""
+    if not comm.is_main_process() or not results:
+        return
+    # DefaultTrainer.test flattens the dict when there is a single test dataset.
+    by_dataset = {"": results} if "bbox" in results or "segm" in results else results
+    keys = ("AP", "AP50", "AP75", "APr", "APc", "APf")
+    lines = ["", "Summary (LVIS metrics, %):"]
+    for name, res in by_dataset.items():
+        for task in ("bbox", "segm"):
+            if task in res:
+                row = "  ".join(f"{k} {res[task].get(k, float('nan')):6.2f}" for k in keys)
+                lines.append(f"  {name + ' ' if name else ''}{task:4s}  {row}")
+    print("\n".join(lines), flush=True)
+
+
+def preflight(args):
+    """Validate the config in the launching process, so errors come before any worker starts."""
+    cfg = setup(args)
+    check_config(cfg)
+    check_output_dir(cfg, args)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    try:
+        preflight(args)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
