@@ -115,7 +115,9 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    res = trainer.train()
+    trainer.train()
+    # DefaultTrainer.train returns results only when TEST.EXPECTED_RESULTS is set.
+    res = getattr(trainer, "_last_eval_results", None)
     print_summary(res)
     return res
 
