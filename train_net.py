@@ -7,17 +7,21 @@ Train and evaluate Mask R-CNN / Cascade Mask R-CNN with Seesaw Loss on LVIS-form
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file CONFIG --num-gpus 8 --resume
 """
-import logging
-import os
-import sys
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
+import logging
+import os
+import sys
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.data import prepare_datasets
 from fasa_seesaw.engine import ProgressHook, check_config

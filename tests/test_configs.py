@@ -1,13 +1,14 @@
 # Copyright (c) fasa_seesaw contributors.
 """Every yaml under configs/ loads and builds its model; bad configs fail with a clear message."""
-import glob
-import os
-import unittest
+
 import torch
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+import glob
+import os
+import unittest
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.engine import check_config
 from fasa_seesaw.modeling import (
@@ -56,7 +57,9 @@ class TestConfigs(unittest.TestCase):
                     )
                     for p in predictors:
                         self.assertIsInstance(p, SeesawFastRCNNOutputLayers)
-                        self.assertEqual(p.cls_score.out_features, cfg.MODEL.ROI_HEADS.NUM_CLASSES + 2)
+                        self.assertEqual(
+                            p.cls_score.out_features, cfg.MODEL.ROI_HEADS.NUM_CLASSES + 2
+                        )
                     if "cascade" in name:
                         self.assertEqual(len(predictors), 3)
                         counts = {id(p.class_counts) for p in predictors}
@@ -68,7 +71,8 @@ class TestConfigs(unittest.TestCase):
     def test_lvis_recipe_values(self):
         cfg = load(
             os.path.join(
-                ROOT, "configs/LVISv1-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_seesaw_rfs_lvis_v1.yaml"
+                ROOT,
+                "configs/LVISv1-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_seesaw_rfs_lvis_v1.yaml",
             )
         )
         self.assertEqual(cfg.MODEL.ROI_HEADS.NUM_CLASSES, 1203)

@@ -4,6 +4,7 @@ train_net.py end to end on the built-in "smoke" dataset: train a few iterations,
 LVIS metrics, save a model-zoo checkpoint, evaluate it again with --eval-only, and refuse bad
 input with a one-line message.
 """
+
 import hashlib
 import os
 import re
@@ -97,7 +98,9 @@ class TestEndToEnd(unittest.TestCase):
         self.assertEqual(self.train.returncode, 0)
         weights = os.path.join(self.out, "model_final.pth")
         before = sha1(weights)
-        r = run_train_net(["--config-file", CONFIG] + SMOKE_OPTS + ["OUTPUT_DIR", self.out], self.env)
+        r = run_train_net(
+            ["--config-file", CONFIG] + SMOKE_OPTS + ["OUTPUT_DIR", self.out], self.env
+        )
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("--resume", r.stderr)
         self.assertNotIn("Traceback", r.stderr)

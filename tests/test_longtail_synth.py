@@ -1,42 +1,29 @@
 # Copyright (c) fasa_seesaw contributors.
 """The synthetic long-tailed LVIS-format dataset: long tail, json consistency, registration."""
 
+import numpy as np
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
 import collections
 import dataclasses
 import json
 import os
-
-import numpy as np
 import pytest
-
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from fasa_seesaw import ConfigError
 from fasa_seesaw.data import add_frequency, longtail_synth
 from fasa_seesaw.data.datasets import load_longtail_json, validate_lvis_json
 from fasa_seesaw.data.longtail_synth import (
     QUICKSTART,
+    SMOKE,
     STUDY,
-    SynthSpec,
     ensure_generated,
     generate,
     spec_categories,
 )
 
-# 12 classes (3 r / 5 c / 4 f). Frequent classes need > 100 training images, hence 120.
-TINY = SynthSpec(
-    name="tiny",
-    num_classes=12,
-    num_train_images=120,
-    num_val_images=24,
-    image_size=64,
-    max_objects_per_image=8,
-    seed=7,
-    min_object_size=8,
-    max_object_size=16,
-    frequent_max_images=110,
-    val_min_images_per_class=3,
-)
+# The smoke spec is small enough for unit tests (and is what the end-to-end test trains on).
+TINY = SMOKE
 
 LVIS_V1_GROUPS = {"r": 337, "c": 461, "f": 405}
 

@@ -3,11 +3,12 @@
 Seesaw Loss against a dense reference written from the paper's formulas (float64, explicit loops
 over samples and classes), not from the implementation.
 """
-import math
-import unittest
+
 import numpy as np
 import torch
 
+import math
+import unittest
 from fasa_seesaw import ConfigError
 from fasa_seesaw.modeling.seesaw_loss import (
     check_seesaw_params,

@@ -1,8 +1,4 @@
 # Copyright (c) fasa_seesaw contributors.
-import io
-import os
-import tempfile
-import unittest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,6 +9,10 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+import io
+import os
+import tempfile
+import unittest
 from fasa_seesaw import ConfigError
 from fasa_seesaw.modeling import NormedConv2d, NormedLinear, SeesawFastRCNNOutputLayers
 
@@ -132,10 +132,7 @@ class TestNormedLayers(unittest.TestCase):
         x = torch.randn(4, 8)
         w = layer.weight.detach()
         cos = torch.stack(
-            [
-                torch.stack([torch.dot(xi, wk) / (xi.norm() * wk.norm()) for wk in w])
-                for xi in x
-            ]
+            [torch.stack([torch.dot(xi, wk) / (xi.norm() * wk.norm()) for wk in w]) for xi in x]
         )
         torch.testing.assert_close(layer(x), 20.0 * cos + layer.bias, rtol=1e-4, atol=1e-4)
         # invariant to the scale of the input

@@ -1,5 +1,6 @@
 # Copyright (c) fasa_seesaw contributors.
 """Seesaw Loss and FASA for long-tailed instance segmentation in detectron2."""
+
 from . import data, modeling  # noqa: F401  (registers datasets, ROI heads and mask heads)
 from .config import add_fasa_seesaw_config
 from .errors import ConfigError

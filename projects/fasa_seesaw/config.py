@@ -12,7 +12,8 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.SEESAW = CN()
     # Mitigation exponent p: M_ij = (N_j / N_i)^p when N_j < N_i. 0 switches mitigation off.
     _C.MODEL.SEESAW.P = 0.8
-    # Compensation exponent q: C_ij = (sigma_j / sigma_i)^q when sigma_j > sigma_i. 0 switches it off.
+    # Compensation exponent q: C_ij = (sigma_j / sigma_i)^q when sigma_j > sigma_i.
+    # 0 switches compensation off.
     _C.MODEL.SEESAW.Q = 2.0
     # Lower clamp of the ground-truth class probability sigma_i in the compensation factor.
     _C.MODEL.SEESAW.EPS = 0.01

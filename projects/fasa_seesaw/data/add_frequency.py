@@ -15,6 +15,7 @@ category ids to 1..K.
 """
 
 from __future__ import annotations
+import numpy as np
 
 import argparse
 import json
@@ -22,8 +23,6 @@ import logging
 import os
 import sys
 from typing import Dict, Optional, Sequence
-
-import numpy as np
 
 from .longtail_synth import lvis_frequency
 

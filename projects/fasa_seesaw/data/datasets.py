@@ -19,6 +19,8 @@ failing deep inside training or evaluation.
 
 from __future__ import annotations
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
 import functools
 import json
 import logging
@@ -26,11 +28,16 @@ import os
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from ..errors import ConfigError
-from .longtail_synth import SPECS, SynthSpec, dataset_paths, default_root, ensure_generated
-from .longtail_synth import lvis_frequency, spec_categories
+from .longtail_synth import (
+    SPECS,
+    SynthSpec,
+    dataset_paths,
+    default_root,
+    ensure_generated,
+    lvis_frequency,
+    spec_categories,
+)
 
 logger = logging.getLogger(__name__)
 

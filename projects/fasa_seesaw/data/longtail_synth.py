@@ -21,6 +21,9 @@ Typical use::
 """
 
 from __future__ import annotations
+import numpy as np
+import cv2
+import pycocotools.mask as mask_util
 
 import argparse
 import dataclasses
@@ -34,10 +37,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
-
-import cv2
-import numpy as np
-import pycocotools.mask as mask_util
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 # Copyright (c) fasa_seesaw contributors.
 """Pre-flight checks that turn common mistakes into one clear message before any model is built."""
+
 from detectron2.data import MetadataCatalog
 
 from ..errors import ConfigError
@@ -15,9 +16,9 @@ def check_config(cfg):
     if cfg.MODEL.ROI_HEADS.NAME in _SEESAW_HEADS:
         if cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE or cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS:
             raise ConfigError(
-                f"{cfg.MODEL.ROI_HEADS.NAME} uses Seesaw Loss, a softmax loss; it cannot be combined "
-                "with MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE or USE_FED_LOSS. Set both to False, or use "
-                "StandardROIHeads/CascadeROIHeads for the sigmoid/federated loss."
+                f"{cfg.MODEL.ROI_HEADS.NAME} uses Seesaw Loss, a softmax loss; it cannot be "
+                "combined with MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE or USE_FED_LOSS. Set both "
+                "to False, or use StandardROIHeads/CascadeROIHeads for the sigmoid/federated loss."
             )
         check_seesaw_params(cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:

@@ -7,13 +7,15 @@ removed in 1.24. Instead of editing the installed package, ``lvis_numpy2_compat`
 ``np`` name inside ``lvis.eval`` (only there, only while evaluating) at a view of numpy that
 still has the old builtin aliases.
 """
+
+import numpy as np
+
+from detectron2.evaluation import LVISEvaluator
+
 import contextlib
 import logging
 import threading
 import types
-import numpy as np
-
-from detectron2.evaluation import LVISEvaluator
 
 __all__ = ["LongTailLVISEvaluator", "lvis_numpy2_compat"]
 

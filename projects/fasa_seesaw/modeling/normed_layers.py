@@ -1,6 +1,6 @@
 # Copyright (c) fasa_seesaw contributors.
 """Cosine (normalised) classifiers used by the Seesaw recipe."""
-import torch
+
 from torch import nn
 from torch.nn import functional as F
 
@@ -52,4 +52,3 @@ class NormedConv2d(nn.Conv2d):
 
     def extra_repr(self):
         return super().extra_repr() + f", temperature={self.temperature}"
-

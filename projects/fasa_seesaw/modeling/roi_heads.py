@@ -1,9 +1,5 @@
 # Copyright (c) fasa_seesaw contributors.
-from detectron2.modeling.roi_heads import (
-    ROI_HEADS_REGISTRY,
-    CascadeROIHeads,
-    StandardROIHeads,
-)
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, StandardROIHeads
 
 from .seesaw_fast_rcnn import SeesawFastRCNNOutputLayers
 

@@ -1,5 +1,4 @@
 # Copyright (c) fasa_seesaw contributors.
-import logging
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,6 +8,8 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+
+import logging
 
 from ..errors import ConfigError
 from .normed_layers import NormedLinear
@@ -65,7 +66,9 @@ class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
         super().__init__(input_shape, **kwargs)
         in_features = self.cls_score.in_features
         if normed_classifier:
-            self.cls_score = NormedLinear(in_features, self.num_classes + 2, temperature=temperature)
+            self.cls_score = NormedLinear(
+                in_features, self.num_classes + 2, temperature=temperature
+            )
         else:
             self.cls_score = nn.Linear(in_features, self.num_classes + 2)
             nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -124,7 +127,9 @@ class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
         losses = {
             "loss_cls": loss_cls,
             "loss_cls_objectness": loss_obj,
-            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes),
+            "loss_box_reg": self.box_reg_loss(
+                proposal_boxes, gt_boxes, proposal_deltas, gt_classes
+            ),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 

@@ -7,6 +7,7 @@ buffer and calls these functions. Every function is free of host-device syncs (n
 indexing, no ``.item()``, no ``bincount`` whose output size depends on the data), so the loss
 can run inside a CUDA stream without stalling it.
 """
+
 import torch
 from torch.nn import functional as F
 
