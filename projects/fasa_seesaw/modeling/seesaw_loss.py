@@ -11,6 +11,8 @@ can run inside a CUDA stream without stalling it.
 import torch
 from torch.nn import functional as F
 
+import math
+
 from ..errors import ConfigError
 
 __all__ = [
@@ -62,7 +64,10 @@ def seesaw_logit_offsets(
     log(S_ij) for every sample (row, ground-truth class i) and every class j, zero at j == i.
 
     S_ij = M_ij * C_ij with mitigation M_ij = min(N_j / N_i, 1)^p and compensation
-    C_ij = max(sigma_j / max(sigma_i, eps), 1)^q. Only the R x C entries that the batch needs
+    C_ij = max(sigma_j / max(sigma_i, eps), 1)^q. Worked in log space, in one buffer updated in
+    place: log M_ij = p * min(log N_j - log N_i, 0) and
+    log C_ij = q * max(log sigma_j - max(log sigma_i, log eps), 0). Both vanish at j == i by
+    construction, so the ground-truth logit is untouched. Only the R x C entries the batch needs
     are formed, instead of the C x C matrix of the reference code.
 
     Args:
@@ -71,17 +76,16 @@ def seesaw_logit_offsets(
         class_counts: (C,) cumulative foreground counts.
     """
     logits = cls_logits.detach().float()
-    log_s = torch.zeros_like(logits)
-    if p > 0:
-        counts = class_counts.to(logits.dtype).clamp(min=1)
-        ratio = counts[None, :] / counts[labels][:, None]
-        log_s = log_s + p * torch.log(ratio.clamp(max=1.0))
     if q > 0:
-        scores = F.softmax(logits, dim=1)
-        self_scores = scores.gather(1, labels[:, None]).clamp(min=eps)
-        log_s = log_s + q * torch.log((scores / self_scores).clamp(min=1.0))
-    # The ground-truth column must keep its own logit untouched.
-    return log_s.scatter(1, labels[:, None], 0.0)
+        log_sigma = F.log_softmax(logits, dim=1)
+        log_self = log_sigma.gather(1, labels[:, None]).clamp_(min=math.log(eps))
+        offsets = log_sigma.sub_(log_self).clamp_(min=0.0).mul_(q)
+    else:
+        offsets = torch.zeros_like(logits)
+    if p > 0:
+        log_n = class_counts.to(logits.dtype).clamp(min=1).log()
+        offsets.add_((log_n[None, :] - log_n[labels][:, None]).clamp_(max=0.0).mul_(p))
+    return offsets
 
 
 def seesaw_cross_entropy(
@@ -95,7 +99,7 @@ def seesaw_cross_entropy(
     """Per-sample Seesaw CE: ordinary CE on logits z_j + log(S_ij). Returns shape (R,)."""
     logits = cls_logits.float()
     offsets = seesaw_logit_offsets(logits, labels, class_counts, p, q, eps)
-    return F.cross_entropy(logits + offsets, labels, reduction="none")
+    return F.cross_entropy(offsets.add_(logits), labels, reduction="none")
 
 
 def seesaw_losses(
