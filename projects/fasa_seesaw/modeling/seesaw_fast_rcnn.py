@@ -31,8 +31,6 @@ class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
     ``broadcast_buffers=False``, so nothing else would keep them equal).
     """
 
-    _version = 1
-
     @configurable
     def __init__(
         self,

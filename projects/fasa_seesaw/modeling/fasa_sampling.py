@@ -1,0 +1,104 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+FASA's sampling pieces as plain functions: initial class probabilities, virtual-feature
+generation, and the loss-driven adaptation rule. Nothing here knows about detectron2.
+"""
+
+from typing import Optional, Sequence
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+__all__ = [
+    "initial_probabilities",
+    "sample_virtual_features",
+    "adapt_probabilities",
+]
+
+
+def initial_probabilities(instance_counts: Sequence[float], mode: str = "inverse_frequency"):
+    """
+    Initial per-class draw probabilities p_c.
+
+    "inverse_frequency" (the reference default, power 1, scale 1): p_c = (1/n_c) / sum_k (1/n_k),
+    counts clamped to >= 1, then clamped to [0, 1]. "uniform": p_c = 1/C.
+    """
+    counts = np.maximum(np.asarray(instance_counts, dtype=np.float64), 1.0)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ConfigError("FASA needs one instance count per class (a non-empty 1-d list).")
+    if mode == "inverse_frequency":
+        inv = 1.0 / counts
+        p = inv / inv.sum()
+    elif mode == "uniform":
+        p = np.full(counts.shape, 1.0 / counts.size)
+    else:
+        raise ConfigError(
+            f"FASA initial probability mode {mode!r} is unknown; use 'inverse_frequency' or "
+            "'uniform' (MODEL.FASA.INIT_PROBS)."
+        )
+    return np.clip(p, 0.0, 1.0)
+
+
+def sample_virtual_features(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    seen: torch.Tensor,
+    probs: torch.Tensor,
+    samples_per_class: int = 1,
+    clamp_min: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+):
+    """
+    Draw virtual features for every class at once.
+
+    Each class c is drawn with probability p_c (Bernoulli, and only if it has been seen); a drawn
+    class yields ``samples_per_class`` features mu_c + sigma_c * N(0, I). To stay free of
+    host-device syncs the output has a fixed shape, C * samples_per_class rows, with a 0/1
+    ``weight`` saying which rows were drawn; the loss multiplies by it.
+
+    Returns:
+        features (C*k, D), labels (C*k,), weight (C*k,) float.
+    """
+    C, D = mean.shape
+    k = samples_per_class
+    device = mean.device
+    u = torch.rand(C, device=device, generator=generator)
+    drawn = (u < probs.to(device=device, dtype=u.dtype)) & seen
+    noise = torch.randn(C, k, D, device=device, generator=generator, dtype=mean.dtype)
+    feats = mean[:, None, :] + var.clamp(min=0).sqrt()[:, None, :] * noise
+    if clamp_min is not None:
+        feats = feats.clamp(min=clamp_min)
+    labels = torch.arange(C, device=device).repeat_interleave(k)
+    weight = drawn.to(mean.dtype).repeat_interleave(k)
+    return feats.reshape(C * k, D), labels, weight
+
+
+def adapt_probabilities(
+    probs: np.ndarray,
+    groups: np.ndarray,
+    group_loss: np.ndarray,
+    prev_group_loss: Optional[np.ndarray],
+    up: float = 1.1,
+    down: float = 0.9,
+) -> np.ndarray:
+    """
+    FASA's adaptation rule: for each group g, if its validation loss fell since the last pass,
+    p *= up for all its classes; if it rose, p *= down; then clamp to [0, 1]. With no previous
+    pass (or a group with no validation samples, NaN loss) the probabilities stay.
+
+    Args:
+        probs: (C,) current probabilities.
+        groups: (C,) group id per class (class-wise mode: groups = arange(C)).
+        group_loss, prev_group_loss: (G,) mean validation classification loss per group.
+    """
+    probs = np.asarray(probs, dtype=np.float64).copy()
+    if prev_group_loss is None:
+        return probs
+    cur = np.asarray(group_loss, dtype=np.float64)
+    prev = np.asarray(prev_group_loss, dtype=np.float64)
+    factor = np.ones_like(cur)
+    valid = np.isfinite(cur) & np.isfinite(prev)
+    factor[valid & (cur < prev)] = up
+    factor[valid & (cur > prev)] = down
+    return np.clip(probs * factor[np.asarray(groups)], 0.0, 1.0)

@@ -1,0 +1,193 @@
+# Copyright (c) fasa_seesaw contributors.
+"""FASA's feature bank, virtual features and adaptation rule against numpy references."""
+
+import os
+import tempfile
+import unittest
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fasa_seesaw import ConfigError
+from fasa_seesaw.modeling.fasa_feature_bank import ClassFeatureBank
+from fasa_seesaw.modeling.fasa_sampling import (
+    adapt_probabilities,
+    initial_probabilities,
+    sample_virtual_features,
+)
+
+C, D = 4, 3
+
+
+def batches(seed=0, n_batches=5, n=12):
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(n_batches):
+        labels = rng.integers(0, C + 1, size=n)  # C = background
+        if b == 0:
+            labels[labels == 2] = 0  # class 2 first appears later
+        feats = rng.normal(size=(n, D)) * (labels[:, None] + 1) + labels[:, None]
+        out.append((feats.astype(np.float32), labels))
+    return out
+
+
+def numpy_ema(batch_list, momentum):
+    mean, var = np.zeros((C, D)), np.zeros((C, D))
+    seen = np.zeros(C, bool)
+    for feats, labels in batch_list:
+        for c in range(C):
+            x = feats[labels == c].astype(np.float64)
+            if len(x) == 0:
+                continue
+            bm, bv = x.mean(0), x.var(0)
+            if not seen[c]:
+                mean[c], var[c], seen[c] = bm, bv, True
+            else:
+                mean[c] = momentum * bm + (1 - momentum) * mean[c]
+                var[c] = momentum * bv + (1 - momentum) * var[c]
+    return mean, var, seen
+
+
+def numpy_exact(batch_list):
+    feats = np.concatenate([f for f, _ in batch_list]).astype(np.float64)
+    labels = np.concatenate([lab for _, lab in batch_list])
+    mean, var = np.zeros((C, D)), np.zeros((C, D))
+    for c in range(C):
+        x = feats[labels == c]
+        if len(x):
+            mean[c], var[c] = x.mean(0), x.var(0)
+    return mean, var
+
+
+class TestFeatureBank(unittest.TestCase):
+    def _feed(self, bank, batch_list):
+        for feats, labels in batch_list:
+            bank.update(torch.from_numpy(feats), torch.from_numpy(labels))
+
+    def test_ema_matches_numpy(self):
+        data = batches()
+        bank = ClassFeatureBank(C, D, mode="ema", momentum=0.1)
+        self._feed(bank, data)
+        mean, var, seen = numpy_ema(data, 0.1)
+        np.testing.assert_allclose(bank.mean.numpy(), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(bank.var.numpy(), var, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(bank.seen.numpy(), seen)
+
+    def test_exact_matches_numpy_and_ignores_batching(self):
+        data = batches(seed=1)
+        bank = ClassFeatureBank(C, D, mode="exact")
+        self._feed(bank, data)
+        mean, var = numpy_exact(data)
+        np.testing.assert_allclose(bank.mean.numpy(), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(bank.var.numpy(), var, rtol=1e-5, atol=1e-5)
+        one = ClassFeatureBank(C, D, mode="exact")
+        feats = np.concatenate([f for f, _ in data])
+        labels = np.concatenate([lab for _, lab in data])
+        one.update(torch.from_numpy(feats), torch.from_numpy(labels))
+        np.testing.assert_allclose(one.mean.numpy(), bank.mean.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(one.var.numpy(), bank.var.numpy(), rtol=1e-5, atol=1e-5)
+
+    def test_unseen_and_frozen(self):
+        bank = ClassFeatureBank(C, D)
+        bank.update(torch.ones(2, D), torch.tensor([1, C]))
+        self.assertEqual(bank.seen.tolist(), [False, True, False, False])
+        bank.frozen = True
+        bank.update(torch.zeros(2, D), torch.tensor([1, 3]))
+        self.assertEqual(bank.seen.tolist(), [False, True, False, False])
+        torch.testing.assert_close(bank.mean[1], torch.ones(D))
+
+    def test_state_dict_has_statistics(self):
+        bank = ClassFeatureBank(C, D)
+        self.assertEqual(set(bank.state_dict()), {"mean", "var", "count"})
+
+    def test_bad_mode(self):
+        with self.assertRaisesRegex(ConfigError, "unknown"):
+            ClassFeatureBank(C, D, mode="median")
+
+
+def _bank_worker(rank, world, init_file, mode, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bank = ClassFeatureBank(C, D, mode=mode)
+        for feats, labels in batches(seed=3):
+            half = slice(rank * 6, rank * 6 + 6)
+            bank.update(torch.from_numpy(feats[half]), torch.from_numpy(labels[half]))
+        torch.save(bank.state_dict(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+class TestFeatureBankDistributed(unittest.TestCase):
+    def test_two_processes_equal_single_process_on_union(self):
+        for mode in ("ema", "exact"):
+            with tempfile.TemporaryDirectory() as d:
+                out = os.path.join(d, "bank")
+                mp.spawn(_bank_worker, args=(2, os.path.join(d, "init"), mode, out), nprocs=2)
+                states = [torch.load(f"{out}.{r}") for r in range(2)]
+            single = ClassFeatureBank(C, D, mode=mode)
+            for feats, labels in batches(seed=3):
+                single.update(torch.from_numpy(feats), torch.from_numpy(labels))
+            for s in states:
+                for k in ("mean", "var", "count"):
+                    torch.testing.assert_close(s[k], single.state_dict()[k], rtol=1e-5, atol=1e-5)
+
+
+class TestVirtualFeatures(unittest.TestCase):
+    def test_frequencies_and_moments(self):
+        mean = torch.tensor([[0.0, 1.0], [5.0, -2.0], [3.0, 3.0]])
+        var = torch.tensor([[1.0, 4.0], [0.25, 1.0], [1.0, 1.0]])
+        seen = torch.tensor([True, True, False])
+        probs = torch.tensor([0.3, 0.8, 1.0])
+        g = torch.Generator().manual_seed(0)
+        n_draws, k = 4000, 2
+        drawn = torch.zeros(3)
+        sums = torch.zeros(3, 2)
+        sq = torch.zeros(3, 2)
+        for _ in range(n_draws):
+            f, lab, w = sample_virtual_features(mean, var, seen, probs, k, generator=g)
+            self.assertEqual(f.shape, (3 * k, 2))
+            self.assertEqual(lab.tolist(), [0, 0, 1, 1, 2, 2])
+            drawn += w.view(3, k)[:, 0]
+            sums += f.view(3, k, 2).sum(1)
+            sq += (f.view(3, k, 2) ** 2).sum(1)
+        freq = drawn / n_draws
+        self.assertAlmostEqual(freq[0].item(), 0.3, delta=0.03)
+        self.assertAlmostEqual(freq[1].item(), 0.8, delta=0.03)
+        self.assertEqual(freq[2].item(), 0.0)  # never seen: never drawn
+        m = sums / (n_draws * k)
+        v = sq / (n_draws * k) - m**2
+        torch.testing.assert_close(m[:2], mean[:2], atol=0.08, rtol=0)
+        torch.testing.assert_close(v[:2], var[:2], atol=0.15, rtol=0.05)
+
+    def test_clamp(self):
+        mean, var = torch.zeros(2, 5), torch.ones(2, 5)
+        f, _, _ = sample_virtual_features(
+            mean, var, torch.ones(2, dtype=torch.bool), torch.ones(2), 3, clamp_min=0.0
+        )
+        self.assertTrue(bool((f >= 0).all()))
+
+
+class TestSampling(unittest.TestCase):
+    def test_initial_probabilities(self):
+        p = initial_probabilities([100, 10, 1, 0])
+        inv = np.array([1 / 100, 1 / 10, 1.0, 1.0])
+        np.testing.assert_allclose(p, inv / inv.sum())
+        np.testing.assert_allclose(initial_probabilities([5, 7], "uniform"), [0.5, 0.5])
+        with self.assertRaises(ConfigError):
+            initial_probabilities([1, 2], "sqrt")
+
+    def test_adaptation_rule(self):
+        probs = np.array([0.5, 0.5, 0.2, 0.95, 0.3])
+        groups = np.array([0, 0, 1, 2, 3])
+        prev = np.array([1.0, 1.0, 1.0, np.nan])
+        cur = np.array([0.8, 1.2, 0.5, 0.4])  # g0 fell, g1 rose, g2 fell, g3 no previous value
+        out = adapt_probabilities(probs, groups, cur, prev, up=1.1, down=0.9)
+        np.testing.assert_allclose(out, [0.55, 0.55, 0.18, 1.0, 0.3])
+        np.testing.assert_allclose(adapt_probabilities(probs, groups, cur, None), probs)
+        same = adapt_probabilities(probs, groups, prev, prev)
+        np.testing.assert_allclose(same, probs)
+
+
+if __name__ == "__main__":
+    unittest.main()
