@@ -29,6 +29,29 @@ def add_fasa_seesaw_config(cfg):
     # as the mmdetection reference does (False).
     _C.MODEL.SEESAW.SYNC_COUNTS = True
 
+    _C.MODEL.FASA = CN()
+    # Feature Augmentation and Sampling Adaptation. Needs ROI_HEADS.NAME FASAROIHeads,
+    # FASACascadeROIHeads (detectron2's CE / sigmoid / federated loss) or a Seesaw ROI head.
+    _C.MODEL.FASA.ENABLED = False
+    # Weight of the virtual features' classification loss.
+    _C.MODEL.FASA.LOSS_WEIGHT = 0.1
+    # Virtual features drawn for each class that is drawn.
+    _C.MODEL.FASA.SAMPLES_PER_CLASS = 1
+    # Clamp virtual features at 0, since the real ones come out of a ReLU.
+    _C.MODEL.FASA.CLAMP_MIN_ZERO = False
+    # Iterations with statistics only, before virtual features start; -1: one epoch of the
+    # training set at SOLVER.IMS_PER_BATCH.
+    _C.MODEL.FASA.WARMUP_ITERS = -1
+    # Feature bank: "ema" (the reference's running averages) or "exact" (cumulative mean and
+    # variance of all positive features, Chan et al.'s parallel update).
+    _C.MODEL.FASA.BANK_MODE = "ema"
+    # EMA momentum: mu <- m * batch_mean + (1 - m) * mu.
+    _C.MODEL.FASA.BANK_MOMENTUM = 0.1
+    # All-reduce bank statistics so every process holds the same bank.
+    _C.MODEL.FASA.SYNC = True
+    # Initial draw probabilities: "inverse_frequency" (training instance counts) or "uniform".
+    _C.MODEL.FASA.INIT_PROBS = "inverse_frequency"
+
     _C.MODEL.NORMED_MASK_HEAD = CN()
     # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
     _C.MODEL.NORMED_MASK_HEAD.TEMPERATURE = 20.0

@@ -9,6 +9,7 @@ from ..modeling.seesaw_loss import check_seesaw_params
 __all__ = ["check_config"]
 
 _SEESAW_HEADS = ("SeesawROIHeads", "SeesawCascadeROIHeads")
+_FASA_HEADS = _SEESAW_HEADS + ("FASAROIHeads", "FASACascadeROIHeads")
 
 
 def check_config(cfg):
@@ -21,8 +22,35 @@ def check_config(cfg):
                 "to False, or use StandardROIHeads/CascadeROIHeads for the sigmoid/federated loss."
             )
         check_seesaw_params(cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS)
+    if cfg.MODEL.FASA.ENABLED and cfg.MODEL.ROI_HEADS.NAME not in _FASA_HEADS:
+        raise ConfigError(
+            f"MODEL.FASA.ENABLED is True but MODEL.ROI_HEADS.NAME is "
+            f"{cfg.MODEL.ROI_HEADS.NAME!r}, which has no FASA. Use one of {list(_FASA_HEADS)} "
+            "(FASAROIHeads/FASACascadeROIHeads keep detectron2's classification loss)."
+        )
+    if cfg.MODEL.FASA.ENABLED:
+        check_fasa(cfg.MODEL.FASA)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
         check_num_classes(cfg)
+
+
+def check_fasa(c):
+    problems = []
+    if c.BANK_MODE not in ("ema", "exact"):
+        problems.append(f"MODEL.FASA.BANK_MODE {c.BANK_MODE!r} is unknown: use 'ema' or 'exact'")
+    if c.INIT_PROBS not in ("inverse_frequency", "uniform"):
+        problems.append(
+            f"MODEL.FASA.INIT_PROBS {c.INIT_PROBS!r} is unknown: use 'inverse_frequency' or "
+            "'uniform'"
+        )
+    if not 0.0 < c.BANK_MOMENTUM <= 1.0:
+        problems.append(f"MODEL.FASA.BANK_MOMENTUM must lie in (0, 1], got {c.BANK_MOMENTUM}")
+    if c.SAMPLES_PER_CLASS < 1:
+        problems.append(f"MODEL.FASA.SAMPLES_PER_CLASS must be >= 1, got {c.SAMPLES_PER_CLASS}")
+    if c.LOSS_WEIGHT < 0:
+        problems.append(f"MODEL.FASA.LOSS_WEIGHT must be >= 0, got {c.LOSS_WEIGHT}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
 
 
 def check_num_classes(cfg):

@@ -4,9 +4,10 @@ FASA's sampling pieces as plain functions: initial class probabilities, virtual-
 generation, and the loss-driven adaptation rule. Nothing here knows about detectron2.
 """
 
-from typing import Optional, Sequence
 import numpy as np
 import torch
+
+from typing import Optional, Sequence
 
 from ..errors import ConfigError
 

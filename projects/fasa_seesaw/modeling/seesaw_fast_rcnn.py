@@ -5,22 +5,28 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 import logging
 
 from ..errors import ConfigError
+from .fasa_fast_rcnn import FASAFastRCNNOutputLayers
 from .normed_layers import NormedLinear
-from .seesaw_loss import check_seesaw_params, count_foreground, seesaw_losses, seesaw_probs
+from .seesaw_loss import (
+    check_seesaw_params,
+    count_foreground,
+    seesaw_cross_entropy,
+    seesaw_losses,
+    seesaw_probs,
+)
 
 __all__ = ["SeesawFastRCNNOutputLayers"]
 
 logger = logging.getLogger(__name__)
 
 
-class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
+class SeesawFastRCNNOutputLayers(FASAFastRCNNOutputLayers):
     """
     FastRCNNOutputLayers with the Seesaw C+2 classifier: C class logits trained with Seesaw Loss
     on foreground RoIs, plus a [foreground, background] objectness pair trained on all RoIs.
@@ -29,6 +35,9 @@ class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
     checkpoints and a resumed run continues with the same mitigation factors. With
     ``sync_counts`` they are summed over all processes (detectron2 wraps the model with
     ``broadcast_buffers=False``, so nothing else would keep them equal).
+
+    With FASA on (see :class:`FASAFastRCNNOutputLayers`), virtual features are trained with the
+    same Seesaw class loss, against the counts of real RoIs only.
     """
 
     @configurable
@@ -51,8 +60,8 @@ class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
             normed_classifier: cosine classifier (with ``temperature``) for all C+2 outputs.
             sync_counts: sum class counts over processes; False keeps them per process.
             objectness_loss_weight: weight of the 2-way objectness loss.
-            kwargs: as in :class:`FastRCNNOutputLayers`; ``loss_weight["loss_cls"]`` weighs the
-                Seesaw class loss.
+            kwargs: as in :class:`FASAFastRCNNOutputLayers`; ``loss_weight["loss_cls"]`` weighs
+                the Seesaw class loss.
         """
         if kwargs.get("use_sigmoid_ce") or kwargs.get("use_fed_loss"):
             raise ConfigError(
@@ -102,7 +111,7 @@ class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
             dist.all_reduce(delta)
         self.class_counts += delta
 
-    def losses(self, predictions, proposals):
+    def real_losses(self, predictions, proposals):
         scores, proposal_deltas = predictions
         if len(proposals):
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)
@@ -130,6 +139,14 @@ class SeesawFastRCNNOutputLayers(FastRCNNOutputLayers):
             ),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def virtual_cls_loss(self, logits, labels, weight):
+        """Seesaw CE of the virtual rows with the current counts, which they do not change."""
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            per_row = seesaw_cross_entropy(
+                logits[:, : self.num_classes], labels, self.class_counts, self.p, self.q, self.eps
+            )
+        return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 
     def _log_seesaw_stats(self, scores, gt_classes, prefix="fast_rcnn"):
         """Objectness accuracy over all RoIs and class accuracy over foreground RoIs."""

@@ -1,0 +1,170 @@
+# Copyright (c) fasa_seesaw contributors.
+"""FASA inside the box predictors: what the bank reads, where virtual features go."""
+
+import os
+import unittest
+import numpy as np
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from fasa_seesaw import ConfigError, add_fasa_seesaw_config
+from fasa_seesaw.engine import check_config
+from fasa_seesaw.modeling import FASAFastRCNNOutputLayers, SeesawFastRCNNOutputLayers
+
+C, D = 5, 8
+COUNTS = [400, 100, 20, 4, 1]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fasa_args(**over):
+    args = {
+        "loss_weight": 0.1,
+        "samples_per_class": 2,
+        "clamp_min_zero": False,
+        "warmup_iters": 3,
+        "bank_mode": "ema",
+        "bank_momentum": 0.1,
+        "sync": True,
+        "init_probs": "inverse_frequency",
+        "instance_counts": lambda: COUNTS,
+        "epoch_iters": lambda: 3,
+    }
+    args.update(over)
+    return args
+
+
+def make(cls=SeesawFastRCNNOutputLayers, **fasa_over):
+    torch.manual_seed(0)
+    return cls(
+        ShapeSpec(channels=D),
+        box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
+        num_classes=C,
+        fasa=fasa_args(**fasa_over),
+    )
+
+
+def proposals(gt):
+    inst = Instances((64, 64))
+    boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(len(gt), 1)
+    inst.proposal_boxes = Boxes(boxes)
+    inst.gt_boxes = Boxes(boxes + 1)
+    inst.gt_classes = torch.tensor(gt)
+    return [inst]
+
+
+class TestFASAPredictor(unittest.TestCase):
+    def test_bank_reads_classifier_input_of_positives(self):
+        pred = make()
+        pred.train()
+        gt = [0, 0, 3, C, C, 1]
+        x = torch.randn(len(gt), D)
+        with EventStorage(0):
+            pred.losses(pred(x), proposals(gt))
+        torch.testing.assert_close(pred.fasa_bank.mean[0], x[:2].mean(0))
+        torch.testing.assert_close(pred.fasa_bank.var[0], x[:2].var(0, unbiased=False))
+        torch.testing.assert_close(pred.fasa_bank.mean[3], x[2])
+        self.assertEqual(pred.fasa_bank.seen.tolist(), [True, True, False, True, False])
+
+    def test_initial_probs_from_counts(self):
+        pred = make()
+        with EventStorage(0):
+            pred.losses(pred(torch.randn(2, D)), proposals([0, C]))
+        inv = 1.0 / np.array(COUNTS, dtype=np.float64)
+        np.testing.assert_allclose(pred.fasa_probs.numpy(), inv / inv.sum(), rtol=1e-6)
+        self.assertTrue(bool(pred.fasa_probs_initialized))
+        uniform = make(init_probs="uniform")
+        with EventStorage(0):
+            uniform.losses(uniform(torch.randn(1, D)), proposals([1]))
+        np.testing.assert_allclose(uniform.fasa_probs.numpy(), np.full(C, 1 / C), rtol=1e-6)
+
+    def test_warmup_then_virtual_loss(self):
+        pred = make()
+        pred.fasa_probs_initialized.fill_(True)
+        pred.fasa_probs.fill_(1.0)  # draw every seen class
+        gt = [0, 1, 2, 3, 4, C]
+        x = torch.randn(len(gt), D)
+        with EventStorage(2) as storage:
+            early = pred.losses(pred(x), proposals(gt))
+            self.assertNotIn("fasa/num_virtual", storage.latest())
+        self.assertEqual(early["loss_fasa"].item(), 0.0)
+        with EventStorage(3) as storage:
+            late = pred.losses(pred(x), proposals(gt))
+            self.assertEqual(storage.latest()["fasa/num_virtual"][0], C * 2)
+        self.assertGreater(late["loss_fasa"].item(), 0.0)
+
+    def test_virtual_features_train_only_the_classifier(self):
+        pred = make()
+        pred.fasa_probs_initialized.fill_(True)
+        pred.fasa_probs.fill_(1.0)
+        x = torch.randn(6, D, requires_grad=True)
+        with EventStorage(5):
+            loss = pred.losses(pred(x), proposals([0, 1, 2, 3, 4, C]))["loss_fasa"]
+        loss.backward()
+        self.assertGreater(pred.cls_score.weight.grad.abs().sum().item(), 0)
+        self.assertIsNone(pred.bbox_pred.weight.grad)
+        self.assertIsNone(x.grad)  # the bank is detached from the real features
+
+    def test_virtual_labels_never_reach_seesaw_counts(self):
+        pred = make()
+        pred.fasa_probs_initialized.fill_(True)
+        pred.fasa_probs.fill_(1.0)
+        gt = [0, 0, 2, C]
+        with EventStorage(10):
+            for _ in range(3):
+                losses = pred.losses(pred(torch.randn(4, D)), proposals(gt))
+        self.assertGreater(losses["loss_fasa"].item(), 0)
+        self.assertEqual(pred.class_counts.tolist(), [6, 0, 3, 0, 0])
+
+    def test_softmax_and_sigmoid_baselines(self):
+        for kwargs in ({}, {"use_sigmoid_ce": True}):
+            torch.manual_seed(0)
+            pred = FASAFastRCNNOutputLayers(
+                ShapeSpec(channels=D),
+                box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
+                num_classes=C,
+                fasa=fasa_args(warmup_iters=0),
+                **kwargs,
+            )
+            pred.fasa_probs_initialized.fill_(True)
+            pred.fasa_probs.fill_(1.0)
+            with EventStorage(0):
+                losses = pred.losses(pred(torch.randn(3, D)), proposals([1, 3, C]))
+            self.assertEqual(set(losses), {"loss_cls", "loss_box_reg", "loss_fasa"})
+            self.assertGreater(losses["loss_fasa"].item(), 0)
+
+    def test_state_dict_carries_fasa_state(self):
+        keys = set(make().state_dict())
+        for k in ("fasa_probs", "fasa_probs_initialized", "fasa_bank.mean", "fasa_bank.var"):
+            self.assertIn(k, keys)
+
+    def test_fasa_needs_fc_feature(self):
+        with self.assertRaisesRegex(ConfigError, "NUM_FC"):
+            FASAFastRCNNOutputLayers(
+                ShapeSpec(channels=D, height=7, width=7),
+                box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
+                num_classes=C,
+                fasa=fasa_args(),
+            )
+
+    def test_config_errors(self):
+        quick = os.path.join(ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_ce_quickstart.yaml")
+        cfg = get_cfg()
+        add_fasa_seesaw_config(cfg)
+        cfg.merge_from_file(quick)
+        cfg.MODEL.FASA.ENABLED = True
+        with self.assertRaisesRegex(ConfigError, "has no FASA"):
+            check_config(cfg)
+        cfg.MODEL.ROI_HEADS.NAME = "FASAROIHeads"
+        check_config(cfg)
+        cfg.MODEL.FASA.BANK_MODE = "median"
+        with self.assertRaisesRegex(ConfigError, "BANK_MODE"):
+            check_config(cfg)
+
+
+if __name__ == "__main__":
+    unittest.main()
