@@ -8,6 +8,11 @@ Train and evaluate Mask R-CNN / Cascade Mask R-CNN with Seesaw Loss on LVIS-form
     python train_net.py --config-file CONFIG --num-gpus 8 --resume
 """
 
+import logging
+import os
+import sys
+import time
+
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -17,14 +22,16 @@ from detectron2.data import (
     build_detection_train_loader,
 )
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.evaluation import verify_results
 
-import logging
-import os
-import sys
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.data import prepare_datasets
-from fasa_seesaw.engine import ProgressHook, check_config
+from fasa_seesaw.data.counts import epoch_iterations
+from fasa_seesaw.data.datasets import validate_lvis_json
+from fasa_seesaw.data.heldout import base_dataset
+from fasa_seesaw.engine import FASAAdaptationHook, ProgressHook, check_config
+from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 from fasa_seesaw.evaluation import LongTailLVISEvaluator
 
 logger = logging.getLogger("fasa_seesaw.train_net")
@@ -35,14 +42,6 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-        if evaluator_type != "lvis":
-            raise ConfigError(
-                f"Dataset '{dataset_name}' has evaluator_type={evaluator_type!r}; this project "
-                "evaluates LVIS-format datasets only. Register it with "
-                "fasa_seesaw.data.register_lvis_json_dataset (or detectron2's "
-                "register_lvis_instances) and list it in DATASETS.TEST."
-            )
         return LongTailLVISEvaluator(
             dataset_name,
             output_dir=output_folder,
@@ -62,6 +61,24 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        fasa = self.cfg.MODEL.FASA
+        if fasa.ENABLED and fasa.ADAPT.ENABLED:
+            _prepare_on_main_process([fasa.ADAPT.HELDOUT_DATASET])
+            period = fasa.ADAPT.PERIOD
+            if period < 0:
+                period = epoch_iterations(self.cfg.DATASETS.TRAIN, self.cfg.SOLVER.IMS_PER_BATCH)
+            hook = FASAAdaptationHook(
+                self.cfg,
+                fasa.ADAPT.HELDOUT_DATASET,
+                period,
+                clustering=fasa.ADAPT.CLUSTERING,
+                up=fasa.ADAPT.UP,
+                down=fasa.ADAPT.DOWN,
+                seed=fasa.ADAPT.SEED,
+            )
+            # Stateful: runs before the checkpointer so checkpoints hold the adapted state.
+            at = next(i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer))
+            hooks.insert(at, hook)
         period = self.cfg.FASA_SEESAW.PROGRESS_PERIOD
         if period > 0:
             # Before the writer, which is the last hook.
@@ -71,7 +88,7 @@ class Trainer(DefaultTrainer):
 
 def _prepare_on_main_process(dataset_names):
     if comm.is_main_process():
-        prepare_datasets(dataset_names)
+        prepare_datasets([base_dataset(n) for n in dataset_names])
     comm.synchronize()
 
 
@@ -80,6 +97,7 @@ def setup(args):
     add_fasa_seesaw_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    configure_fasa_heldout(cfg)
     cfg.freeze()
     return cfg
 
@@ -142,24 +160,54 @@ def print_summary(results):
     print("\n".join(lines), flush=True)
 
 
+def check_test_datasets(cfg):
+    """LVIS evaluation needs an LVIS-format json with frequency fields: check before training."""
+    for name in cfg.DATASETS.TEST:
+        meta = MetadataCatalog.get(name)
+        if meta.get("evaluator_type", None) != "lvis":
+            raise ConfigError(
+                f"Test dataset '{name}' has evaluator_type={meta.get('evaluator_type', None)!r}; "
+                "this project evaluates LVIS-format datasets only. Register it with "
+                "fasa_seesaw.data.register_lvis_json_dataset and list it in DATASETS.TEST."
+            )
+        json_file = meta.get("json_file", None)
+        if json_file and os.path.isfile(json_file):
+            validate_lvis_json(json_file)
+
+
 def preflight(args):
     """Validate the config in the launching process, so errors come before any worker starts."""
-    cfg = setup(args)
+    try:
+        cfg = setup(args)
+    except (ValueError, KeyError, AssertionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        hint = ""
+        if "Type mismatch" in str(e):
+            hint = " Floating-point keys need a decimal point (e.g. MODEL.SEESAW.Q 0.0)."
+        raise ConfigError(f"the config could not be applied: {e}.{hint}") from None
     check_config(cfg)
+    check_test_datasets(cfg)
     check_output_dir(cfg, args)
+    return cfg
 
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     try:
-        preflight(args)
+        cfg = preflight(args)
+        if args.eval_only:
+            # A fresh folder per evaluation, chosen once here for every process: earlier
+            # results and the training run's config.yaml are never overwritten.
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.opts += ["OUTPUT_DIR", os.path.join(cfg.OUTPUT_DIR, f"eval_{stamp}")]
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )

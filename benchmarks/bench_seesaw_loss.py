@@ -28,16 +28,16 @@ Usage:
     python benchmarks/bench_seesaw_loss.py --device cuda --json out.json
 """
 
-import numpy as np
-import torch
-from torch.nn import functional as F
-
 import argparse
 import json
+import numpy as np
 import os
 import platform
 import sys
 import time
+import torch
+from torch.nn import functional as F
+
 from fasa_seesaw.modeling.seesaw_loss import count_foreground, seesaw_losses
 
 P, Q, EPS = 0.8, 2.0, 1e-2

@@ -35,13 +35,20 @@ if ! "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split
   "$PY" -m pip install -q "setuptools<81" wheel || fail "could not install setuptools<81."
 fi
 
-# 3. Pure-Python and binary-wheel dependencies.
-if "$PY" -c 'import fvcore, iopath, pycocotools, lvis, sklearn, cv2, matplotlib, pytest' 2>/dev/null; then
-  say "fvcore, pycocotools, lvis, scikit-learn, opencv, pytest: ok"
+# 3. Pure-Python and binary-wheel dependencies: only the missing ones, so packages the user
+#    already has are left at their versions.
+missing=()
+for pair in fvcore:fvcore iopath:iopath pycocotools:pycocotools lvis:lvis==0.5.3 \
+            sklearn:scikit-learn cv2:opencv-python matplotlib:matplotlib pytest:pytest; do
+  module="${pair%%:*}"; package="${pair#*:}"
+  "$PY" -c "import $module" 2>/dev/null || missing+=("$package")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  say "fvcore, iopath, pycocotools, lvis, scikit-learn, opencv, matplotlib, pytest: ok"
 else
-  say "installing requirements/requirements.txt"
-  pip_install -r "$ROOT/requirements/requirements.txt" \
-    || fail "could not install requirements/requirements.txt (is PyPI reachable?)."
+  say "installing ${missing[*]}"
+  pip_install "${missing[@]}" \
+    || fail "could not install ${missing[*]} (is PyPI reachable?)."
 fi
 
 # 4. detectron2 from source, built against the installed torch (hence no build isolation).

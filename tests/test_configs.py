@@ -1,14 +1,14 @@
 # Copyright (c) fasa_seesaw contributors.
 """Every yaml under configs/ loads and builds its model; bad configs fail with a clear message."""
 
+import glob
+import os
+import unittest
 import torch
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-import glob
-import os
-import unittest
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.engine import check_config
 from fasa_seesaw.modeling import (
@@ -109,10 +109,6 @@ class TestConfigErrors(unittest.TestCase):
                 check_config(cfg)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestSeesawHeadsForward(unittest.TestCase):
     """Train and inference forward passes of the Seesaw ROI heads inside a real Mask R-CNN."""
 
@@ -163,3 +159,7 @@ class TestSeesawHeadsForward(unittest.TestCase):
         # inference leaves the counts alone
         for c, p in zip(counts, model.roi_heads.box_predictor):
             self.assertTrue(torch.equal(c, p.class_counts))
+
+
+if __name__ == "__main__":
+    unittest.main()

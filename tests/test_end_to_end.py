@@ -116,6 +116,51 @@ class TestEndToEnd(unittest.TestCase):
         self.assertIn("has 12 categories", r.stderr)
         self.assertNotIn("Traceback", r.stderr)
 
+    def test_int_for_float_key_is_one_clear_line(self):
+        r = run_train_net(
+            ["--config-file", CONFIG]
+            + SMOKE_OPTS
+            + ["MODEL.SEESAW.Q", "0", "OUTPUT_DIR", os.path.join(self.tmp, "y")],
+            self.env,
+        )
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("MODEL.SEESAW.Q 0.0", r.stderr)
+        self.assertNotIn("Traceback", r.stderr)
+
+
+FASA_CONFIG = os.path.join(
+    ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_fasa_seesaw_quickstart.yaml"
+)
+
+
+class TestEndToEndFASA(unittest.TestCase):
+    def test_fasa_seesaw_trains_adapts_and_checkpoints(self):
+        import json
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, FASA_SEESAW_DATA=os.path.join(tmp, "data"))
+            out = os.path.join(tmp, "out")
+            opts = SMOKE_OPTS + [
+                "SOLVER.MAX_ITER", "8",
+                "MODEL.FASA.WARMUP_ITERS", "2",
+                "MODEL.FASA.ADAPT.PERIOD", "3",
+                "OUTPUT_DIR", out,
+            ]  # fmt: skip
+            r = run_train_net(["--config-file", FASA_CONFIG] + opts, env)
+            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+            self.assertEqual(set(summary(r.stdout)), {"bbox", "segm"})
+            with open(os.path.join(out, "metrics.json")) as f:
+                rows = [json.loads(line) for line in f]
+            adapted = [row for row in rows if "fasa/num_groups" in row]
+            self.assertTrue(adapted, "the adaptation pass logged nothing")
+            self.assertTrue(any("loss_fasa" in row for row in rows))
+            ckpt = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+            self.assertEqual(ckpt["trainer"]["hooks"]["FASAAdaptationHook"]["passes"], 2)
+            self.assertIn("roi_heads.box_predictor.fasa_bank.mean", ckpt["model"])
+
 
 if __name__ == "__main__":
     unittest.main()

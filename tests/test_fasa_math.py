@@ -1,10 +1,10 @@
 # Copyright (c) fasa_seesaw contributors.
 """FASA's feature bank, virtual features and adaptation rule against numpy references."""
 
+import numpy as np
 import os
 import tempfile
 import unittest
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

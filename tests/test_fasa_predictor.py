@@ -1,9 +1,9 @@
 # Copyright (c) fasa_seesaw contributors.
 """FASA inside the box predictors: what the bank reads, where virtual features go."""
 
+import numpy as np
 import os
 import unittest
-import numpy as np
 import torch
 
 from detectron2.config import get_cfg

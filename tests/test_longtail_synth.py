@@ -1,14 +1,14 @@
 # Copyright (c) fasa_seesaw contributors.
 """The synthetic long-tailed LVIS-format dataset: long tail, json consistency, registration."""
 
-import numpy as np
-
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 import collections
 import dataclasses
 import json
+import numpy as np
 import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
 import pytest
 from fasa_seesaw import ConfigError
 from fasa_seesaw.data import add_frequency, longtail_synth

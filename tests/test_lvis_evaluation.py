@@ -2,10 +2,10 @@
 """lvis-api evaluation through the numpy-2 shim, on hand-built cases whose answer is known."""
 
 import json
+import numpy as np
 import os
 import tempfile
 import unittest
-import numpy as np
 
 from fasa_seesaw.evaluation import lvis_numpy2_compat
 

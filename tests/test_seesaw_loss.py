@@ -4,11 +4,11 @@ Seesaw Loss against a dense reference written from the paper's formulas (float64
 over samples and classes), not from the implementation.
 """
 
+import math
 import numpy as np
+import unittest
 import torch
 
-import math
-import unittest
 from fasa_seesaw import ConfigError
 from fasa_seesaw.modeling.seesaw_loss import (
     check_seesaw_params,
@@ -170,7 +170,9 @@ class TestSeesawLoss(unittest.TestCase):
         torch.testing.assert_close(probs[:, C], obj[:, 1])
 
     def test_bad_params(self):
-        for p, q, eps in [(-0.1, 2.0, 0.01), (0.8, -1, 0.01), (0.8, 2.0, 0.0), (0.8, 2.0, 2.0)]:
+        bad = [(-0.1, 2.0, 0.01), (0.8, -1, 0.01), (0.8, 2.0, 0.0), (0.8, 2.0, 2.0)]
+        bad += [(float("inf"), 2.0, 0.01), (0.8, float("nan"), 0.01), (True, 2.0, 0.01)]
+        for p, q, eps in bad:
             with self.assertRaises(ConfigError):
                 check_seesaw_params(p, q, eps)
         check_seesaw_params(0.0, 0.0, 0.01)

@@ -1,4 +1,8 @@
 # Copyright (c) fasa_seesaw contributors.
+import io
+import os
+import tempfile
+import unittest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,10 +13,6 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-import io
-import os
-import tempfile
-import unittest
 from fasa_seesaw import ConfigError
 from fasa_seesaw.modeling import NormedConv2d, NormedLinear, SeesawFastRCNNOutputLayers
 

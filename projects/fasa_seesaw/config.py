@@ -52,6 +52,25 @@ def add_fasa_seesaw_config(cfg):
     # Initial draw probabilities: "inverse_frequency" (training instance counts) or "uniform".
     _C.MODEL.FASA.INIT_PROBS = "inverse_frequency"
 
+    _C.MODEL.FASA.ADAPT = CN()
+    # Adapt the draw probabilities from a validation-loss pass (FASAAdaptationHook).
+    _C.MODEL.FASA.ADAPT.ENABLED = True
+    # Iterations between passes; -1: one epoch of the training set.
+    _C.MODEL.FASA.ADAPT.PERIOD = -1
+    # Registered dataset for the pass. "": carve HELDOUT_FRACTION of DATASETS.TRAIN out of
+    # training (the default: adapting on the evaluation split, as the reference does, leaks it).
+    _C.MODEL.FASA.ADAPT.HELDOUT_DATASET = ""
+    # Fraction of training images held out when carving, chosen by hashing (SEED, image id).
+    _C.MODEL.FASA.ADAPT.HELDOUT_FRACTION = 0.1
+    # Seed of the held-out carve and of the clustering.
+    _C.MODEL.FASA.ADAPT.SEED = 0
+    # Class grouping: "meanshift" (paper), "affinity" (reference, given similarities) or
+    # "none" (class-wise).
+    _C.MODEL.FASA.ADAPT.CLUSTERING = "meanshift"
+    # p *= UP for a group whose validation loss fell, p *= DOWN for one whose loss rose.
+    _C.MODEL.FASA.ADAPT.UP = 1.1
+    _C.MODEL.FASA.ADAPT.DOWN = 0.9
+
     _C.MODEL.NORMED_MASK_HEAD = CN()
     # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
     _C.MODEL.NORMED_MASK_HEAD.TEMPERATURE = 20.0

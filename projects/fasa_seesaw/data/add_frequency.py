@@ -14,12 +14,10 @@ empty "neg_category_ids"/"not_exhaustive_category_ids" where missing, and option
 category ids to 1..K.
 """
 
-from __future__ import annotations
-import numpy as np
-
 import argparse
 import json
 import logging
+import numpy as np
 import os
 import sys
 from typing import Dict, Optional, Sequence

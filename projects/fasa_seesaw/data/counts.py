@@ -1,12 +1,11 @@
 # Copyright (c) fasa_seesaw contributors.
 """Statistics of registered training datasets that models need (never hard-coded per dataset)."""
 
+import math
 import numpy as np
+from typing import Sequence
 
 from detectron2.data import DatasetCatalog
-
-import math
-from typing import Sequence
 
 __all__ = ["instance_counts_of", "epoch_iterations"]
 

@@ -17,16 +17,14 @@ the fields that LVIS-style evaluation and repeat-factor sampling rely on up fron
 failing deep inside training or evaluation.
 """
 
-from __future__ import annotations
-
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 import functools
 import json
 import logging
 import os
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..errors import ConfigError
 from .longtail_synth import (

@@ -20,23 +20,21 @@ Typical use::
     paths = ensure_generated(QUICKSTART, default_root())
 """
 
-from __future__ import annotations
-import numpy as np
-import cv2
-import pycocotools.mask as mask_util
-
 import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import numpy as np
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
+import cv2
+import pycocotools.mask as mask_util
 
 logger = logging.getLogger(__name__)
 

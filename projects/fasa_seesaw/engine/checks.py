@@ -47,6 +47,15 @@ def check_fasa(c):
         problems.append(f"MODEL.FASA.BANK_MOMENTUM must lie in (0, 1], got {c.BANK_MOMENTUM}")
     if c.SAMPLES_PER_CLASS < 1:
         problems.append(f"MODEL.FASA.SAMPLES_PER_CLASS must be >= 1, got {c.SAMPLES_PER_CLASS}")
+    if c.ADAPT.CLUSTERING not in ("meanshift", "affinity", "none"):
+        problems.append(
+            f"MODEL.FASA.ADAPT.CLUSTERING {c.ADAPT.CLUSTERING!r} is unknown: use 'meanshift', "
+            "'affinity' or 'none'"
+        )
+    if not c.ADAPT.HELDOUT_DATASET and not 0.0 < c.ADAPT.HELDOUT_FRACTION < 1.0:
+        problems.append(
+            f"MODEL.FASA.ADAPT.HELDOUT_FRACTION must lie in (0, 1), got {c.ADAPT.HELDOUT_FRACTION}"
+        )
     if c.LOSS_WEIGHT < 0:
         problems.append(f"MODEL.FASA.LOSS_WEIGHT must be >= 0, got {c.LOSS_WEIGHT}")
     if problems:

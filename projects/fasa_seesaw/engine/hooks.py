@@ -1,11 +1,11 @@
 # Copyright (c) fasa_seesaw contributors.
-from detectron2.engine import HookBase
-from detectron2.utils import comm
-
 import datetime
 import logging
 import sys
 import time
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
 
 __all__ = ["ProgressHook"]
 

@@ -8,14 +8,13 @@ removed in 1.24. Instead of editing the installed package, ``lvis_numpy2_compat`
 still has the old builtin aliases.
 """
 
-import numpy as np
-
-from detectron2.evaluation import LVISEvaluator
-
 import contextlib
 import logging
+import numpy as np
 import threading
 import types
+
+from detectron2.evaluation import LVISEvaluator
 
 __all__ = ["LongTailLVISEvaluator", "lvis_numpy2_compat"]
 

@@ -4,6 +4,8 @@ FastRCNNOutputLayers with FASA (Zang et al., ICCV 2021): a per-class bank of cla
 features of positive RoIs, and virtual features drawn from it that train the classifier only.
 """
 
+import logging
+from typing import Callable, Optional
 import torch
 from torch.nn import functional as F
 
@@ -11,9 +13,6 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils.events import get_event_storage
-
-import logging
-from typing import Callable, Optional
 
 from ..errors import ConfigError
 from .fasa_feature_bank import ClassFeatureBank
@@ -77,6 +76,8 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.register_buffer("fasa_probs", torch.full((self.num_classes,), 1.0 / self.num_classes))
         self.register_buffer("fasa_probs_initialized", torch.zeros((), dtype=torch.bool))
         self._fasa_input = None
+        # (loss sums, counts) per class while FASA's validation pass collects; None otherwise.
+        self.val_collect = None
 
     @classmethod
     def from_config(cls, cfg, input_shape, **kwargs):
@@ -91,6 +92,10 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         return super().forward(x)
 
     def losses(self, predictions, proposals):
+        if self.val_collect is not None:
+            self._collect_val_loss(predictions[0], proposals)
+            self._fasa_input = None
+            return {}  # the validation pass changes no statistic and trains nothing
         losses = self.real_losses(predictions, proposals)
         if self.fasa is not None and self._fasa_input is not None:
             gt_classes = (
@@ -105,6 +110,27 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
     def real_losses(self, predictions, proposals):
         """The losses of the real RoIs; subclasses with another classification loss override it."""
         return super().losses(predictions, proposals)
+
+    def per_roi_cls_loss(self, scores, gt_classes):
+        """Per-RoI classification loss (R,) of the kind used in training; only foreground used."""
+        if self.use_sigmoid_ce:
+            target = F.one_hot(gt_classes, self.num_classes + 1)[:, : self.num_classes].to(scores)
+            return F.binary_cross_entropy_with_logits(scores[:, :-1], target, reduction="none").sum(
+                dim=1
+            )
+        return F.cross_entropy(scores.float(), gt_classes, reduction="none")
+
+    def _collect_val_loss(self, scores, proposals):
+        C = self.num_classes
+        if not len(proposals):
+            return
+        gt = cat([p.gt_classes for p in proposals], dim=0)
+        is_fg = gt < C
+        per_roi = self.per_roi_cls_loss(scores, gt).float() * is_fg
+        slot = torch.where(is_fg, gt, torch.full_like(gt, C))
+        sums, counts = self.val_collect
+        sums.index_add_(0, slot, per_roi.to(sums.dtype))
+        counts.index_add_(0, slot, is_fg.to(counts.dtype))
 
     def virtual_cls_loss(self, logits, labels, weight):
         """

@@ -5,9 +5,8 @@ generation, and the loss-driven adaptation rule. Nothing here knows about detect
 """
 
 import numpy as np
-import torch
-
 from typing import Optional, Sequence
+import torch
 
 from ..errors import ConfigError
 

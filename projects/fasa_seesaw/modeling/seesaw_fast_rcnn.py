@@ -1,4 +1,5 @@
 # Copyright (c) fasa_seesaw contributors.
+import logging
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -7,8 +8,6 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
-
-import logging
 
 from ..errors import ConfigError
 from .fasa_fast_rcnn import FASAFastRCNNOutputLayers
@@ -140,6 +139,14 @@ class SeesawFastRCNNOutputLayers(FASAFastRCNNOutputLayers):
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
+    def per_roi_cls_loss(self, scores, gt_classes):
+        is_fg = gt_classes < self.num_classes
+        labels = torch.where(is_fg, gt_classes, torch.zeros_like(gt_classes))
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            return seesaw_cross_entropy(
+                scores[:, : self.num_classes], labels, self.class_counts, self.p, self.q, self.eps
+            )
+
     def virtual_cls_loss(self, logits, labels, weight):
         """Seesaw CE of the virtual rows with the current counts, which they do not change."""
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -149,20 +156,24 @@ class SeesawFastRCNNOutputLayers(FASAFastRCNNOutputLayers):
         return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 
     def _log_seesaw_stats(self, scores, gt_classes, prefix="fast_rcnn"):
-        """Objectness accuracy over all RoIs and class accuracy over foreground RoIs."""
+        """
+        Objectness accuracy over all RoIs and class accuracy over foreground RoIs. Reading them
+        for the EventStorage costs one device sync (the loss itself has none).
+        """
         if gt_classes.numel() == 0:
             return
-        num_classes = self.num_classes
-        is_fg = gt_classes < num_classes
-        pred_fg = scores[:, num_classes] > scores[:, num_classes + 1]
-        num_fg = is_fg.sum()
-        fg_correct = ((scores[:, :num_classes].argmax(dim=1) == gt_classes) & is_fg).sum()
+        C = self.num_classes
+        with torch.no_grad():
+            is_fg = gt_classes < C
+            pred_fg = scores[:, C] > scores[:, C + 1]
+            fg_correct = ((scores[:, :C].argmax(dim=1) == gt_classes) & is_fg).sum()
+            obj_acc, num_fg, fg_correct = torch.stack(
+                [(pred_fg == is_fg).float().mean(), is_fg.sum().float(), fg_correct.float()]
+            ).tolist()
         storage = get_event_storage()
-        storage.put_scalar(
-            f"{prefix}/objectness_accuracy", (pred_fg == is_fg).float().mean().item()
-        )
-        if num_fg.item() > 0:
-            storage.put_scalar(f"{prefix}/fg_cls_accuracy", (fg_correct / num_fg).item())
+        storage.put_scalar(f"{prefix}/objectness_accuracy", obj_acc)
+        if num_fg > 0:
+            storage.put_scalar(f"{prefix}/fg_cls_accuracy", fg_correct / num_fg)
 
     def predict_probs(self, predictions, proposals):
         scores, _ = predictions

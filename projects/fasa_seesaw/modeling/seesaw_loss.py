@@ -8,10 +8,9 @@ indexing, no ``.item()``, no ``bincount`` whose output size depends on the data)
 can run inside a CUDA stream without stalling it.
 """
 
+import math
 import torch
 from torch.nn import functional as F
-
-import math
 
 from ..errors import ConfigError
 
@@ -28,13 +27,17 @@ __all__ = [
 def check_seesaw_params(p: float, q: float, eps: float) -> None:
     """Raise a ValueError that says which hyper-parameter is wrong and what is allowed."""
     for name, value in (("p", p), ("q", q)):
-        if not isinstance(value, (int, float)) or value != value or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value >= 0)
+        ):
             raise ConfigError(
-                f"Seesaw Loss: {name}={value!r} is invalid; it must be a number >= 0 "
+                f"Seesaw Loss: {name}={value!r} is invalid; it must be a finite number >= 0 "
                 f"(MODEL.SEESAW.{name.upper()}; the paper uses p=0.8, q=2.0, and 0 switches "
                 "that factor off)."
             )
-    if not isinstance(eps, (int, float)) or not (0.0 < eps <= 1.0):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < eps <= 1.0):
         raise ConfigError(
             f"Seesaw Loss: eps={eps!r} is invalid; it must lie in (0, 1] "
             "(MODEL.SEESAW.EPS; the paper uses 0.01)."
