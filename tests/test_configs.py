@@ -64,6 +64,12 @@ class TestConfigs(unittest.TestCase):
                         self.assertEqual(len(predictors), 3)
                         counts = {id(p.class_counts) for p in predictors}
                         self.assertEqual(len(counts), 3, "each stage needs its own counter")
+                if "fasa" in name:
+                    preds = heads.box_predictor
+                    preds = preds if isinstance(preds, torch.nn.ModuleList) else [preds]
+                    for p in preds:
+                        self.assertIsNotNone(p.fasa, "FASA config without FASA predictors")
+                        self.assertEqual(p.fasa_bank.feature_dim, p.cls_score.in_features)
                 if "normed_mask" in name or "normedmask" in name:
                     self.assertIsInstance(heads.mask_head.predictor, NormedConv2d)
                 del model

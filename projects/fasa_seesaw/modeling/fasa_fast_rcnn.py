@@ -50,6 +50,9 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         super().__init__(input_shape, **kwargs)
         self.fasa = None
+        # (loss sums, counts) per class + background slot while FASA's validation pass
+        # collects; None otherwise.
+        self.val_collect = None
         if fasa is None:
             return
         if (
@@ -76,8 +79,6 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.register_buffer("fasa_probs", torch.full((self.num_classes,), 1.0 / self.num_classes))
         self.register_buffer("fasa_probs_initialized", torch.zeros((), dtype=torch.bool))
         self._fasa_input = None
-        # (loss sums, counts) per class while FASA's validation pass collects; None otherwise.
-        self.val_collect = None
 
     @classmethod
     def from_config(cls, cfg, input_shape, **kwargs):
