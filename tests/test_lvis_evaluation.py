@@ -43,6 +43,20 @@ def make_gt():
     return {"images": images, "annotations": anns, "categories": cats}
 
 
+def detections(gt, score, skip_category=None):
+    """One detection per ground-truth box, on it exactly."""
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": score,
+        }
+        for a in gt["annotations"]
+        if a["category_id"] != skip_category
+    ]
+
+
 def evaluate(gt, dets):
     from lvis import LVIS, LVISEval, LVISResults
 
@@ -72,31 +86,14 @@ class TestLVISEvaluation(unittest.TestCase):
 
     def test_perfect_detections_score_one(self):
         gt = make_gt()
-        dets = [
-            {
-                "image_id": a["image_id"],
-                "category_id": a["category_id"],
-                "bbox": a["bbox"],
-                "score": 0.9,
-            }
-            for a in gt["annotations"]
-        ]
+        dets = detections(gt, 0.9)
         res = evaluate(gt, dets)
         for key in ("AP", "AP50", "APr", "APc", "APf"):
             self.assertAlmostEqual(res[key], 1.0, places=6, msg=key)
 
     def test_rare_class_missed(self):
         gt = make_gt()
-        dets = [
-            {
-                "image_id": a["image_id"],
-                "category_id": a["category_id"],
-                "bbox": a["bbox"],
-                "score": 0.9,
-            }
-            for a in gt["annotations"]
-            if a["category_id"] != 3
-        ]
+        dets = detections(gt, 0.9, skip_category=3)
         # A false positive of the rare class on an image where it is a verified negative.
         dets.append({"image_id": 1, "category_id": 3, "bbox": [60, 60, 10, 10], "score": 0.8})
         res = evaluate(gt, dets)
@@ -110,15 +107,7 @@ class TestLVISEvaluation(unittest.TestCase):
         # in that image does not count as a false positive.
         gt = make_gt()
         gt["images"][0]["neg_category_ids"] = []
-        dets = [
-            {
-                "image_id": a["image_id"],
-                "category_id": a["category_id"],
-                "bbox": a["bbox"],
-                "score": 0.5,
-            }
-            for a in gt["annotations"]
-        ]
+        dets = detections(gt, 0.5)
         dets.append({"image_id": 1, "category_id": 2, "bbox": [70, 70, 10, 10], "score": 0.99})
         self.assertAlmostEqual(evaluate(gt, dets)["APc"], 1.0, places=6)
 
