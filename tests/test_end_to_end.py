@@ -137,7 +137,6 @@ class TestEndToEndFASA(unittest.TestCase):
     def test_fasa_seesaw_trains_adapts_and_checkpoints(self):
         import json
         import tempfile
-
         import torch
 
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,11 +1,11 @@
 # Copyright (c) fasa_seesaw contributors.
 """FASA's adaptation: held-out split, clustering, and a validation pass that changes nothing."""
 
+import numpy as np
 import os
 import tempfile
 import types
 import unittest
-import numpy as np
 import torch
 
 from detectron2.config import get_cfg
