@@ -66,7 +66,11 @@ class Trainer(DefaultTrainer):
             _prepare_on_main_process([fasa.ADAPT.HELDOUT_DATASET])
             period = fasa.ADAPT.PERIOD
             if period < 0:
-                period = epoch_iterations(self.cfg.DATASETS.TRAIN, self.cfg.SOLVER.IMS_PER_BATCH)
+                period = epoch_iterations(
+                    self.cfg.DATASETS.TRAIN,
+                    self.cfg.SOLVER.IMS_PER_BATCH,
+                    self.cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                )
             hook = FASAAdaptationHook(
                 self.cfg,
                 fasa.ADAPT.HELDOUT_DATASET,

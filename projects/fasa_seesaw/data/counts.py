@@ -1,31 +1,40 @@
 # Copyright (c) fasa_seesaw contributors.
 """Statistics of registered training datasets that models need (never hard-coded per dataset)."""
 
+import functools
 import math
+from typing import Sequence, Tuple
 import numpy as np
-from typing import Sequence
 
 from detectron2.data import DatasetCatalog
 
 __all__ = ["instance_counts_of", "epoch_iterations"]
 
 
+@functools.lru_cache(maxsize=16)
+def _summary(name: str, num_classes: int) -> Tuple[int, np.ndarray]:
+    """(number of images, per-class instance counts); cached, since LVIS train takes a while to
+    load and both FASA's initial probabilities and its epoch length need it."""
+    dicts = DatasetCatalog.get(name)
+    ids = np.asarray(
+        [a["category_id"] for d in dicts for a in d.get("annotations", ())], dtype=np.int64
+    )
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(
+            f"Dataset '{name}' has class ids outside [0, {num_classes}); "
+            "MODEL.ROI_HEADS.NUM_CLASSES must match the dataset."
+        )
+    counts = np.bincount(ids, minlength=num_classes) if ids.size else np.zeros(num_classes, int)
+    counts.setflags(write=False)
+    return len(dicts), counts
+
+
 def instance_counts_of(dataset_names: Sequence[str], num_classes: int) -> np.ndarray:
     """Per-class number of annotated instances over the datasets (contiguous class ids)."""
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for name in dataset_names:
-        ids = [a["category_id"] for d in DatasetCatalog.get(name) for a in d.get("annotations", ())]
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
-            raise ValueError(
-                f"Dataset '{name}' has class ids outside [0, {num_classes}); "
-                "MODEL.ROI_HEADS.NUM_CLASSES must match the dataset."
-            )
-        counts += np.bincount(ids, minlength=num_classes)
-    return counts
+    return sum(_summary(name, num_classes)[1] for name in dataset_names).astype(np.int64)
 
 
-def epoch_iterations(dataset_names: Sequence[str], ims_per_batch: int) -> int:
+def epoch_iterations(dataset_names: Sequence[str], ims_per_batch: int, num_classes: int) -> int:
     """Iterations in one pass over the training images at the given global batch size."""
-    total = sum(len(DatasetCatalog.get(name)) for name in dataset_names)
+    total = sum(_summary(name, num_classes)[0] for name in dataset_names)
     return max(1, math.ceil(total / ims_per_batch))

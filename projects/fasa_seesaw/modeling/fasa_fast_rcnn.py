@@ -203,5 +203,5 @@ def fasa_config(cfg) -> dict:
         "sync": c.SYNC,
         "init_probs": c.INIT_PROBS,
         "instance_counts": lambda: instance_counts_of(names, num_classes),
-        "epoch_iters": lambda: epoch_iterations(names, cfg.SOLVER.IMS_PER_BATCH),
+        "epoch_iters": lambda: epoch_iterations(names, cfg.SOLVER.IMS_PER_BATCH, num_classes),
     }
