@@ -21,6 +21,7 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
+from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.evaluation import verify_results
@@ -30,7 +31,8 @@ from fasa_seesaw.data import prepare_datasets
 from fasa_seesaw.data.counts import epoch_iterations
 from fasa_seesaw.data.datasets import validate_lvis_json
 from fasa_seesaw.data.heldout import base_dataset
-from fasa_seesaw.engine import FASAAdaptationHook, ProgressHook, check_config
+from fasa_seesaw.data.resumable import resumable_training_dataset
+from fasa_seesaw.engine import FASAAdaptationHook, ProgressHook, RNGStateHook, check_config
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 from fasa_seesaw.evaluation import LongTailLVISEvaluator
 
@@ -52,7 +54,33 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # Built-in synthetic datasets are generated on first use: do it once, on one process.
         _prepare_on_main_process(cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg)
+        # detectron2's own dataset, mapper and sampler choice, wrapped so that --resume re-enters
+        # the data stream exactly where the run stopped (fasa_seesaw.data.resumable).
+        args = _train_loader_from_config(cfg)
+        dataset, positions = resumable_training_dataset(
+            args["dataset"], args["mapper"], args["sampler"], seed=cfg.SEED
+        )
+        loader = build_detection_train_loader(
+            dataset=dataset,
+            mapper=None,
+            sampler=None,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            # The loader's own generator seeds its workers, so starting it (at iteration 0, or
+            # right after a resume) draws nothing from the main RNG that training uses.
+            seed=cfg.SEED if cfg.SEED >= 0 else 0,
+        )
+        loader.data_positions = positions
+        return loader
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        positions = getattr(self._trainer.data_loader, "data_positions", None)
+        if positions is not None:
+            positions.start = self.start_iter * (
+                self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -83,6 +111,9 @@ class Trainer(DefaultTrainer):
             # Stateful: runs before the checkpointer so checkpoints hold the adapted state.
             at = next(i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer))
             hooks.insert(at, hook)
+        # Stateful hooks go before the checkpointer, so checkpoints see their current state.
+        at = next(i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer))
+        hooks.insert(at, RNGStateHook())
         period = self.cfg.FASA_SEESAW.PROGRESS_PERIOD
         if period > 0:
             # Before the writer, which is the last hook.

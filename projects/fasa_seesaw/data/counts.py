@@ -3,8 +3,8 @@
 
 import functools
 import math
-from typing import Sequence, Tuple
 import numpy as np
+from typing import Sequence, Tuple
 
 from detectron2.data import DatasetCatalog
 

@@ -212,17 +212,20 @@ class FASAAdaptationHook(HookBase):
                     prefix + f"val_loss_group{g}", float(group_loss[g]), smoothing_hint=False
                 )
 
+    # Checkpoints are read with torch.load(weights_only=True): tensors and plain Python only.
     def state_dict(self):
+        as_t = torch.from_numpy
         return {
             "passes": self.passes,
-            "prev": self.prev,
-            "groups": self.groups,
+            "prev": None if self.prev is None else [(as_t(s), as_t(c)) for s, c in self.prev],
+            "groups": None if self.groups is None else [as_t(g) for g in self.groups],
         }
 
     def load_state_dict(self, state):
         self.passes = state["passes"]
-        self.prev = state["prev"]
-        self.groups = state["groups"]
+        prev, groups = state["prev"], state["groups"]
+        self.prev = None if prev is None else [(s.numpy(), c.numpy()) for s, c in prev]
+        self.groups = None if groups is None else [g.numpy() for g in groups]
 
 
 def _group_mean(sums, counts, groups):

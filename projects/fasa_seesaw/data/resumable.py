@@ -1,0 +1,90 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+A training data stream that a resumed run can re-enter exactly where it stopped.
+
+detectron2's training loader restarts its sampler and its augmentation RNGs on ``--resume``, so a
+resumed run sees other images, in another order, with other flips than the run it continues.
+Here the k-th sample of a process's stream is a pure function of (seed, rank, k):
+
+- the image index comes from detectron2's own sampler (TrainingSampler or
+  RepeatFactorTrainingSampler), replayed as integers from the start and skipped to the resume
+  position (cheap: no image is loaded);
+- the augmentation of sample k runs under numpy/python RNGs seeded from (seed, rank, k);
+- data-loader workers take positions round-robin (chunks of one), which the loader yields back
+  in order, so the stream order does not depend on the number of workers.
+
+Resuming at iteration i then starts at position i * (images per process). This is exact when
+every batch takes the next images of the stream: with ``DATALOADER.ASPECT_RATIO_GROUPING`` and
+images of both orientations, the half-filled groups at the stop are not replayed.
+"""
+
+import contextlib
+import numpy as np
+import random
+from torch.utils import data as torchdata
+
+from detectron2.data.common import DatasetFromList, ToIterableDataset
+from detectron2.utils import comm
+
+__all__ = ["PositionedSampler", "PositionedMapDataset", "resumable_training_dataset"]
+
+
+class PositionedSampler(torchdata.Sampler):
+    """Yields (position, index) from a detectron2 training sampler, from position ``start`` on."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.start = 0
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:
+                yield position, index
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    np_state, py_state = np.random.get_state(), random.getstate()
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+class PositionedMapDataset(torchdata.Dataset):
+    """Maps (position, index) to ``mapper(dicts[index])`` under RNGs seeded by the position."""
+
+    def __init__(self, dataset_dicts, mapper, seed: int, rank: int):
+        self._dicts = DatasetFromList(dataset_dicts, copy=True)
+        self._mapper = mapper
+        self._seed = int(seed) % (2**31)
+        self._rank = rank
+
+    def __len__(self):
+        return len(self._dicts)
+
+    def _sample_seed(self, position: int, attempt: int) -> int:
+        return hash((self._seed, self._rank, position, attempt)) % (2**32)
+
+    def __getitem__(self, key):
+        position, index = key
+        for attempt in range(8):
+            # Integer tuples hash deterministically (no PYTHONHASHSEED dependence).
+            with _seeded(self._sample_seed(position, attempt)):
+                out = self._mapper(self._dicts[index])
+            if out is not None:
+                return out
+            # The mapper rejected the sample (e.g. no annotation left): a deterministic substitute.
+            index = (index + 1) % len(self._dicts)
+        raise RuntimeError(f"The data mapper rejected 8 samples in a row near index {index}.")
+
+
+def resumable_training_dataset(dataset_dicts, mapper, sampler, seed: int):
+    """The iterable dataset for ``build_detection_train_loader`` (with ``sampler=None``), and the
+    PositionedSampler whose ``start`` the trainer sets when it resumes."""
+    positioned = PositionedSampler(sampler)
+    dataset = PositionedMapDataset(dataset_dicts, mapper, seed, comm.get_rank())
+    return ToIterableDataset(dataset, positioned, shard_chunk_size=1), positioned
