@@ -123,7 +123,7 @@ class FASAAdaptationHook(HookBase):
     ):
         if clustering not in CLUSTERING:
             cluster_classes(np.zeros((1, 1)), np.zeros(1, bool), clustering, seed)  # raises
-        self.cfg = cfg.clone()
+        self.cfg = cfg.clone() if cfg is not None else None
         self.dataset = heldout_dataset
         self.period = period
         self.clustering, self.up, self.down, self.seed = clustering, up, down, seed
