@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import torch
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
@@ -24,7 +25,7 @@ from detectron2.data import (
 from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine.hooks import PeriodicCheckpointer
-from detectron2.evaluation import verify_results
+from detectron2.evaluation import inference_on_dataset, verify_results
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.data import prepare_datasets
@@ -34,7 +35,7 @@ from fasa_seesaw.data.heldout import base_dataset
 from fasa_seesaw.data.resumable import resumable_training_dataset
 from fasa_seesaw.engine import FASAAdaptationHook, ProgressHook, RNGStateHook, check_config
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
-from fasa_seesaw.evaluation import LongTailLVISEvaluator
+from fasa_seesaw.evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
 
 logger = logging.getLogger("fasa_seesaw.train_net")
 
@@ -107,6 +108,7 @@ class Trainer(DefaultTrainer):
                 up=fasa.ADAPT.UP,
                 down=fasa.ADAPT.DOWN,
                 seed=fasa.ADAPT.SEED,
+                metric_fn=heldout_ap_fn(self.cfg) if fasa.ADAPT.SIGNAL == "metric" else None,
             )
             # Stateful: runs before the checkpointer so checkpoints hold the adapted state.
             at = next(i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer))
@@ -119,6 +121,22 @@ class Trainer(DefaultTrainer):
             # Before the writer, which is the last hook.
             hooks.insert(len(hooks) - 1, ProgressHook(period, self.cfg.SOLVER.MAX_ITER))
         return hooks
+
+
+def heldout_ap_fn(cfg):
+    """FASA's metric signal: per-category box AP on the held-out set, the same on all processes."""
+    name = cfg.MODEL.FASA.ADAPT.HELDOUT_DATASET
+    evaluator = PerCategoryAPEvaluator(name, max_dets=cfg.TEST.DETECTIONS_PER_IMAGE)
+    loader = build_detection_test_loader(cfg, name)
+
+    def fn(model):
+        ap = inference_on_dataset(model, loader, evaluator).get("per_category_ap")
+        box = [ap]
+        if comm.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return fn
 
 
 def _prepare_on_main_process(dataset_names):

@@ -160,6 +160,27 @@ class TestEndToEndFASA(unittest.TestCase):
             self.assertEqual(ckpt["trainer"]["hooks"]["FASAAdaptationHook"]["passes"], 2)
             self.assertIn("roi_heads.box_predictor.fasa_bank.mean", ckpt["model"])
 
+    def test_fasa_metric_signal(self):
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, FASA_SEESAW_DATA=os.path.join(tmp, "data"))
+            out = os.path.join(tmp, "out")
+            opts = SMOKE_OPTS + [
+                "DATASETS.TEST", "()",
+                "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)",
+                "MODEL.FASA.WARMUP_ITERS", "1",
+                "MODEL.FASA.ADAPT.PERIOD", "2",
+                "MODEL.FASA.ADAPT.SIGNAL", "metric",
+                "OUTPUT_DIR", out,
+            ]  # fmt: skip
+            r = run_train_net(["--config-file", FASA_CONFIG] + opts, env)
+            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+            with open(os.path.join(out, "metrics.json")) as f:
+                rows = [json.loads(line) for line in f]
+            self.assertTrue(any("fasa/val_neg_ap" in row for row in rows))
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -52,6 +52,10 @@ def check_fasa(c):
             f"MODEL.FASA.ADAPT.CLUSTERING {c.ADAPT.CLUSTERING!r} is unknown: use 'meanshift', "
             "'affinity' or 'none'"
         )
+    if c.ADAPT.SIGNAL not in ("loss", "metric"):
+        problems.append(
+            f"MODEL.FASA.ADAPT.SIGNAL {c.ADAPT.SIGNAL!r} is unknown: use 'loss' or 'metric'"
+        )
     if not c.ADAPT.HELDOUT_DATASET and not 0.0 < c.ADAPT.HELDOUT_FRACTION < 1.0:
         problems.append(
             f"MODEL.FASA.ADAPT.HELDOUT_FRACTION must lie in (0, 1), got {c.ADAPT.HELDOUT_FRACTION}"

@@ -8,7 +8,7 @@ and down if it rose.
 
 import logging
 import numpy as np
-from typing import List, Optional
+from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
@@ -120,13 +120,22 @@ class FASAAdaptationHook(HookBase):
         up: float = 1.1,
         down: float = 0.9,
         seed: int = 0,
+        metric_fn: Optional[Callable] = None,
     ):
+        """
+        Args:
+            metric_fn: with it, the signal is a metric instead of the loss: ``metric_fn(model)``
+                returns per-class scores (higher is better, NaN where undefined) on the held-out
+                set, identical on every process; a group whose mean score rose gets p *= up.
+                train_net.py builds it from the project's LVIS evaluation (per-category AP).
+        """
         if clustering not in CLUSTERING:
             cluster_classes(np.zeros((1, 1)), np.zeros(1, bool), clustering, seed)  # raises
         self.cfg = cfg.clone() if cfg is not None else None
         self.dataset = heldout_dataset
         self.period = period
         self.clustering, self.up, self.down, self.seed = clustering, up, down, seed
+        self.metric_fn = metric_fn
         self.passes = 0
         # Per predictor: the previous pass's per-class loss sums and counts.
         self.prev: Optional[List[np.ndarray]] = None
@@ -170,9 +179,24 @@ class FASAAdaptationHook(HookBase):
                 out.append((sums.cpu().numpy(), counts.cpu().numpy()))
         return predictors, out
 
+    def metric_signal(self, model):
+        """The metric as (sums, counts) of a loss: -score per class, count 1 where defined."""
+        predictors = fasa_predictors(model)
+        rng = torch.get_rng_state()
+        try:
+            score = np.asarray(self.metric_fn(model), dtype=np.float64)
+        finally:
+            torch.set_rng_state(rng)
+        defined = np.isfinite(score)
+        stat = (np.where(defined, -score, 0.0), defined.astype(np.float64))
+        return predictors, [stat for _ in predictors]
+
     def adapt(self):
         model = self.trainer.model
-        predictors, stats = self.validation_losses(model)
+        if self.metric_fn is not None:
+            predictors, stats = self.metric_signal(model)
+        else:
+            predictors, stats = self.validation_losses(model)
         groups = []
         for p in predictors:
             g = None
@@ -200,8 +224,9 @@ class FASAAdaptationHook(HookBase):
         storage.put_scalar(
             prefix + "num_groups", float(len(np.unique(groups))), smoothing_hint=False
         )
+        name = "val_loss" if self.metric_fn is None else "val_neg_ap"
         storage.put_scalar(
-            prefix + "val_loss", float(sums.sum() / max(counts.sum(), 1)), smoothing_hint=False
+            prefix + name, float(sums.sum() / max(counts.sum(), 1)), smoothing_hint=False
         )
         for g in np.unique(groups)[:32]:
             storage.put_scalar(
@@ -209,7 +234,7 @@ class FASAAdaptationHook(HookBase):
             )
             if np.isfinite(group_loss[g]):
                 storage.put_scalar(
-                    prefix + f"val_loss_group{g}", float(group_loss[g]), smoothing_hint=False
+                    prefix + f"{name}_group{g}", float(group_loss[g]), smoothing_hint=False
                 )
 
     # Checkpoints are read with torch.load(weights_only=True): tensors and plain Python only.
