@@ -161,8 +161,21 @@ class TestFASAPredictor(unittest.TestCase):
             check_config(cfg)
         cfg.MODEL.ROI_HEADS.NAME = "FASAROIHeads"
         check_config(cfg)
+        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 0
+        with self.assertRaisesRegex(ConfigError, "NUM_FC"):
+            check_config(cfg)
+        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
         cfg.MODEL.FASA.BANK_MODE = "median"
         with self.assertRaisesRegex(ConfigError, "BANK_MODE"):
+            check_config(cfg)
+        cfg.MODEL.FASA.BANK_MODE = "ema"
+        check_config(cfg)
+        for key, value in (("HELDOUT_FRACTION", 1.0), ("CLUSTERING", "kmeans"), ("SIGNAL", "ap")):
+            good = getattr(cfg.MODEL.FASA.ADAPT, key)
+            setattr(cfg.MODEL.FASA.ADAPT, key, value)
+            with self.assertRaisesRegex(ConfigError, key):
+                check_config(cfg)
+            setattr(cfg.MODEL.FASA.ADAPT, key, good)
             check_config(cfg)
 
 

@@ -30,6 +30,12 @@ def check_config(cfg):
         )
     if cfg.MODEL.FASA.ENABLED:
         check_fasa(cfg.MODEL.FASA)
+        if cfg.MODEL.ROI_BOX_HEAD.NUM_FC < 1:
+            raise ConfigError(
+                "FASA models the box head's last fully-connected feature, but "
+                "MODEL.ROI_BOX_HEAD.NUM_FC is 0 (the head outputs a conv map). Set NUM_FC >= 1, "
+                "or MODEL.FASA.ENABLED False."
+            )
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
         check_num_classes(cfg)
 

@@ -182,7 +182,7 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         )
         logits = self.cls_score(feats.to(features.dtype))
         loss = self.virtual_cls_loss(logits, labels, weight)
-        storage.put_scalar("fasa/num_virtual", weight.sum().item())
+        storage.put_scalar("fasa/num_virtual", weight.sum().item(), smoothing_hint=False)
         return loss * self.fasa["loss_weight"]
 
 
