@@ -24,7 +24,7 @@ from detectron2.data import (
 )
 from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.engine.hooks import PeriodicCheckpointer
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import inference_on_dataset, verify_results
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
@@ -111,16 +111,21 @@ class Trainer(DefaultTrainer):
                 metric_fn=heldout_ap_fn(self.cfg) if fasa.ADAPT.SIGNAL == "metric" else None,
             )
             # Stateful: runs before the checkpointer so checkpoints hold the adapted state.
-            at = next(i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer))
-            hooks.insert(at, hook)
-        # Stateful hooks go before the checkpointer, so checkpoints see their current state.
-        at = next(i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer))
-        hooks.insert(at, RNGStateHook())
+            hooks.insert(_checkpointer_index(hooks), hook)
+        hooks.insert(_checkpointer_index(hooks), RNGStateHook())
         period = self.cfg.FASA_SEESAW.PROGRESS_PERIOD
         if period > 0:
             # Before the writer, which is the last hook.
             hooks.insert(len(hooks) - 1, ProgressHook(period, self.cfg.SOLVER.MAX_ITER))
         return hooks
+
+
+def _checkpointer_index(hooks):
+    """Where stateful hooks go: before the checkpointer, which only the main process has."""
+    for i, h in enumerate(hooks):
+        if isinstance(h, (PeriodicCheckpointer, EvalHook)):
+            return i
+    return len(hooks)
 
 
 def heldout_ap_fn(cfg):
