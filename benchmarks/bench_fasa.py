@@ -65,6 +65,8 @@ Usage (from the repository root):
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -107,7 +109,10 @@ PAPER = "+3% time, +12% memory"
 
 # name -> (config file, extra options, FASA on, base variant)
 VARIANTS = {
-    "CE": ("mask_rcnn_R_50_FPN_2x_ce_random_lvis_v1.yaml", ["MODEL.ROI_HEADS.NAME", "FASAROIHeads"]),
+    "CE": (
+        "mask_rcnn_R_50_FPN_2x_ce_random_lvis_v1.yaml",
+        ["MODEL.ROI_HEADS.NAME", "FASAROIHeads"],
+    ),
     "Seesaw": ("mask_rcnn_R_50_FPN_2x_seesaw_random_lvis_v1.yaml", []),
     "CE+FASA": ("mask_rcnn_R_50_FPN_2x_fasa_random_lvis_v1.yaml", []),
     "Seesaw+FASA": ("mask_rcnn_R_50_FPN_2x_fasa_seesaw_random_lvis_v1.yaml", []),
@@ -192,7 +197,12 @@ class ForeignCpu:
         if s is None:
             return None
         t = os.times()
-        return s[0], s[1], t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+        return (
+            s[0],
+            s[1],
+            t.user + t.system + t.children_user + t.children_system,
+            time.perf_counter(),
+        )
 
     def __enter__(self):
         self.start = self._snap()
@@ -214,7 +224,11 @@ class ForeignCpu:
         warn = self.cores > 0.25
         print(
             f"other processes used {self.cores:.2f} of {os.cpu_count()} cores during {what}"
-            + (" -- WARNING: machine busy, timings are not reliable; re-run when idle" if warn else "")
+            + (
+                " -- WARNING: machine busy, timings are not reliable; re-run when idle"
+                if warn
+                else ""
+            )
         )
 
 
@@ -241,7 +255,10 @@ def stats_ms(t):
 
 
 def time_interleaved(steps, device, warmup, reps, before_each=None):
-    """Warm up each, then interleave repetitions so drift affects every variant alike."""
+    """
+    Warm up each, then interleave the repetitions so drift affects every variant alike; the
+    order is reversed on every other repetition so no variant always runs first or last.
+    """
     for name, step in steps.items():
         for w in range(warmup):
             if before_each:
@@ -250,7 +267,8 @@ def time_interleaved(steps, device, warmup, reps, before_each=None):
     sync(device)
     times = {name: [] for name in steps}
     for r in range(reps):
-        for name, step in steps.items():
+        order = list(steps.items())
+        for name, step in order if r % 2 == 0 else order[::-1]:
             if before_each:
                 before_each(r)
             sync(device)
@@ -302,8 +320,31 @@ def image_hw(size):
     return size, min(int(round(size * 4 / 3)), 1333)
 
 
-def make_batch(args, device):
-    """Synthetic training inputs: uint8 BGR images and GT instances with polygon masks."""
+def _random_boxes(rng, n, H, W):
+    """n boxes, log-uniform sides from 8 px to 60% of the short side, aspect 1:2 .. 2:1."""
+    side = np.exp(rng.uniform(np.log(8), np.log(0.6 * min(H, W)), n))
+    ar = np.exp(rng.uniform(np.log(0.5), np.log(2.0), n))
+    bw, bh = np.minimum(side * np.sqrt(ar), W - 2), np.minimum(side / np.sqrt(ar), H - 2)
+    x0 = rng.uniform(0, W - bw - 1)
+    y0 = rng.uniform(0, H - bh - 1)
+    return np.stack([x0, y0, x0 + bw, y0 + bh], axis=1)
+
+
+def _iou(a, b):
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def make_batch(args, device, num_proposals):
+    """
+    Synthetic training inputs: uint8 BGR images, GT instances with polygon masks, and the
+    proposals that replace the RPN's (see inject_proposals): fg_per_image - n jittered copies of
+    the GT boxes (IoU >= 0.6 with their GT) and background boxes (IoU < 0.5 with every GT), in
+    all num_proposals per image.
+    """
     rng = np.random.default_rng(args.seed)
     counts = lvis_image_counts()
     p_lbl = counts / counts.sum()
@@ -313,16 +354,9 @@ def make_batch(args, device):
     for _ in range(args.batch):
         img = torch.randint(0, 256, (3, H, W), generator=gen, dtype=torch.uint8)
         n = args.gt_per_image
-        # log-uniform box sides from 8 px to 60% of the short side, aspect 1:2 .. 2:1
-        side = np.exp(rng.uniform(np.log(8), np.log(0.6 * min(H, W)), n))
-        ar = np.exp(rng.uniform(np.log(0.5), np.log(2.0), n))
-        bw, bh = side * np.sqrt(ar), side / np.sqrt(ar)
-        bw, bh = np.minimum(bw, W - 2), np.minimum(bh, H - 2)
-        x0 = rng.uniform(0, W - bw - 1)
-        y0 = rng.uniform(0, H - bh - 1)
-        boxes = np.stack([x0, y0, x0 + bw, y0 + bh], axis=1)
+        boxes = _random_boxes(rng, n, H, W)
         polys = []
-        for (a, b, c, d) in boxes:
+        for a, b, c, d in boxes:
             # a 16-gon with jittered radius inscribed in the box
             t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
             r = rng.uniform(0.7, 1.0, 16)
@@ -331,55 +365,65 @@ def make_batch(args, device):
             polys.append([xy.reshape(-1)])
         inst = Instances((H, W))
         inst.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
-        inst.gt_classes = torch.as_tensor(rng.choice(len(counts), size=n, p=p_lbl), dtype=torch.long)
+        inst.gt_classes = torch.as_tensor(
+            rng.choice(len(counts), size=n, p=p_lbl), dtype=torch.long
+        )
         inst.gt_masks = PolygonMasks(polys)
-        # jittered copies of the GT boxes (each coordinate moved by <= 8% of the box side, so
-        # IoU >= 0.6 with its GT): stand-ins for the proposals a trained RPN puts on objects
-        extra = max(args.fg_per_image - n, 0) if args.fg_per_image > 0 else 0
-        src = boxes[np.arange(extra) % n]
+        # foreground proposals: each coordinate of a GT box moved by <= 8% of its side
+        n_fg = min(max(args.fg_per_image - n, 0), num_proposals)
+        src = boxes[np.arange(n_fg) % n]
         wh = np.concatenate([src[:, 2:] - src[:, :2]] * 2, axis=1)
-        jit = src + rng.uniform(-0.08, 0.08, src.shape) * wh
-        jit[:, 0::2] = jit[:, 0::2].clip(0, W)
-        jit[:, 1::2] = jit[:, 1::2].clip(0, H)
+        fg = src + rng.uniform(-0.08, 0.08, src.shape) * wh
+        # background proposals: random boxes overlapping no GT box by IoU >= 0.5
+        bg = np.zeros((0, 4))
+        while len(bg) < num_proposals - n_fg:
+            cand = _random_boxes(rng, 2 * num_proposals, H, W)
+            bg = np.concatenate([bg, cand[_iou(cand, boxes).max(axis=1) < 0.5]])
+        props = np.concatenate([fg, bg[: num_proposals - n_fg]])
+        props[:, 0::2] = props[:, 0::2].clip(0, W)
+        props[:, 1::2] = props[:, 1::2].clip(0, H)
         batch.append(
             {
                 "image": img.to(device),
                 "instances": inst.to(device),
                 "height": H,
                 "width": W,
-                "fg_proposals": torch.as_tensor(jit, dtype=torch.float32, device=device),
+                "proposals_override": torch.as_tensor(props, dtype=torch.float32, device=device),
             }
         )
     return batch
 
 
-def inject_fg_proposals(model, batch):
+def inject_proposals(model, batch):
     """
-    Replace the lowest-ranked RPN proposals of each image by the batch's jittered GT boxes. A
-    random-init RPN puts (almost) no proposal on an object, so without this only the appended
-    GT boxes would be foreground; a trained RPN yields many (detectron2 samples up to
-    512 * 0.25 = 128 per image). The number of proposals stays POST_NMS_TOPK_TRAIN.
+    The RPN still runs (forward, losses, NMS), but the ROI heads get the batch's synthetic
+    proposals instead of its output. A random-init R50 (no ImageNet weights, FrozenBN) blows its
+    activations up and its RPN keeps only a handful of boxes after NMS, so the ROI heads would
+    otherwise see a few dozen RoIs per image instead of 512, and only the GT boxes as
+    foreground. With this, every image has POST_NMS_TOPK_TRAIN proposals, --fg-per-image of
+    them foreground (GT boxes included), as a trained RPN would give.
     """
     rpn = model.proposal_generator
     orig = rpn.forward
-    extra = [d["fg_proposals"] for d in batch]
-    if all(len(e) == 0 for e in extra):
-        return
+    boxes = [d["proposals_override"] for d in batch]
 
     def forward(images, features, gt_instances=None):
         proposals, losses = orig(images, features, gt_instances)
         if rpn.training:
             out = []
-            for p, e in zip(proposals, extra):
-                m = min(len(e), len(p))
-                add = Instances(p.image_size)
-                add.proposal_boxes = Boxes(e[:m])
-                add.objectness_logits = p.objectness_logits[len(p) - m :]
-                out.append(Instances.cat([p[: len(p) - m], add]))
+            for p, b in zip(proposals, boxes):
+                q = Instances(p.image_size)
+                q.proposal_boxes = Boxes(b)
+                q.objectness_logits = torch.zeros(len(b), device=b.device)
+                out.append(q)
             proposals = out
         return proposals, losses
 
     rpn.forward = forward
+
+
+def num_proposals(args):
+    return variant_cfg("CE", args).MODEL.RPN.POST_NMS_TOPK_TRAIN
 
 
 def variant_cfg(name, args):
@@ -419,7 +463,7 @@ def build_variant(name, args, device):
 
 def build_variant_for(name, args, device, batch):
     cfg, model, optimizer = build_variant(name, args, device)
-    inject_fg_proposals(model, batch)
+    inject_proposals(model, batch)
     return cfg, model, optimizer
 
 
@@ -441,7 +485,7 @@ def step_memory_worker(args):
     """Run in a fresh process: peak memory of one training step of args.mem_worker."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or default_threads())
-    batch = make_batch(args, device)
+    batch = make_batch(args, device, num_proposals(args))
     base_rss = _rss_kb()
     cfg, model, opt = build_variant_for(args.mem_worker, args, device, batch)
     out = {"variant": args.mem_worker}
@@ -504,8 +548,16 @@ def _reset_hwm():
 def measure_memory(args, name):
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-worker", name]
     for k in (
-        "device", "image_size", "batch", "gt_per_image", "fg_per_image", "seed", "lr", "threads",
-        "mem_warmup", "mem_steps",
+        "device",
+        "image_size",
+        "batch",
+        "gt_per_image",
+        "fg_per_image",
+        "seed",
+        "lr",
+        "threads",
+        "mem_warmup",
+        "mem_steps",
     ):
         v = getattr(args, k)
         if v is not None:
@@ -519,17 +571,17 @@ def measure_memory(args, name):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in res.stdout.splitlines():
         if line.startswith("MEMJSON "):
-            return json.loads(line[len("MEMJSON "):])
+            return json.loads(line[len("MEMJSON ") :])
     raise RuntimeError(
         f"memory worker for {name} failed (rc {res.returncode}):\n{res.stderr[-3000:]}"
     )
 
 
-def fasa_breakdown(models, device, reps):
+def fasa_breakdown(models, device, reps, num_rois, num_fg):
     """Isolated time of FASA's work in the box predictor, per FASA variant (ms)."""
     out = {}
     g = torch.Generator().manual_seed(1)
-    R, C = 1024, 1203
+    R = num_rois
     counts = lvis_image_counts()
     for name, model in models.items():
         pred = model.roi_heads.box_predictor
@@ -539,10 +591,8 @@ def fasa_breakdown(models, device, reps):
         C = pred.num_classes
         feats = torch.relu(torch.randn(R, D, generator=g)).to(device)
         gt = torch.full((R,), C, dtype=torch.long)
-        nfg = R // 4
-        gt[:nfg] = torch.as_tensor(
-            np.random.default_rng(1).choice(C, nfg, p=counts / counts.sum())
-        )
+        nfg = num_fg
+        gt[:nfg] = torch.as_tensor(np.random.default_rng(1).choice(C, nfg, p=counts / counts.sum()))
         gt = gt.to(device)
         bank = pred.fasa_bank
         saved = {k: v.clone() for k, v in bank.state_dict().items()}
@@ -554,7 +604,9 @@ def fasa_breakdown(models, device, reps):
             bank.update(feats, gt)
 
         def generate():
-            return sample_virtual_features(bank.mean, bank.var, bank.seen, pred.fasa_probs, k, clamp)
+            return sample_virtual_features(
+                bank.mean, bank.var, bank.seen, pred.fasa_probs, k, clamp
+            )
 
         vf, vl, vw = generate()
 
@@ -584,7 +636,7 @@ def fasa_breakdown(models, device, reps):
             "generation (sample_virtual_features)": generate,
             f"classifier + loss fwd/bwd on {vf.shape[0]} virtual rows": classify,
             "fasa_losses + backward (all of the above)": total,
-            f"classifier + loss fwd/bwd on the {int(drawn.sum())} drawn rows only": classify_compact,
+            f"classifier + loss fwd/bwd on the {int(drawn.sum())} drawn rows only": classify_compact,  # noqa: E501
         }
         times = time_interleaved(parts, device, warmup=3, reps=reps)
         bank.load_state_dict(saved)
@@ -604,7 +656,7 @@ def part_step(args, device, results):
         f"torch {torch.__version__}, {args.reps} reps after {args.warmup} warm-up, interleaved\n",
         flush=True,
     )
-    batch = make_batch(args, device)
+    batch = make_batch(args, device, num_proposals(args))
     models, steps, logs, opts = {}, {}, {}, {}
     for name in VARIANTS:
         cfg, model, opt = build_variant_for(name, args, device, batch)
@@ -621,23 +673,35 @@ def part_step(args, device, results):
             before_each=lambda r: torch.manual_seed(args.seed + 1000 + r),
         )
         fg = storage.history("roi_head/num_fg_samples").values()
-        nvirt = storage.history("fasa/num_virtual").values() if "fasa/num_virtual" in storage.histories() else []
+        bg = storage.history("roi_head/num_bg_samples").values()
+        nvirt = (
+            storage.history("fasa/num_virtual").values()
+            if "fasa/num_virtual" in storage.histories()
+            else []
+        )
     res = {n: stats_ms(t) for n, t in times.items()}
     for n in res:
         res[n]["losses_last"] = logs[n][-1] if logs[n] else None
         finite = all(np.isfinite(v) for d in logs[n] for v in d.values())
         res[n]["losses_finite"] = finite
     fg_vals = [v for v, _ in fg]
+    bg_vals = [v for v, _ in bg]
     nv_vals = [v for v, _ in nvirt]
     foreign.report("step timing")
 
-    # paired per-repetition overheads (adjacent in time, so drift cancels)
+    # paired per-repetition overheads (close in time, so slow drift cancels)
     over = {}
     for base, fasa in PAIRS:
         ratio = np.asarray(times[fasa]) / np.asarray(times[base]) - 1
+        n = len(ratio)
+        # ~95% confidence half-width of the mean paired ratio (t quantile for small n)
+        t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+        ci = t95.get(n, 2.0) * float(np.std(ratio, ddof=1)) / np.sqrt(n) if n > 1 else float("inf")
         over[fasa] = {
             "median_of_medians_pct": 100 * (res[fasa]["median_ms"] / res[base]["median_ms"] - 1),
             "paired_median_pct": 100 * float(np.median(ratio)),
+            "paired_mean_pct": 100 * float(np.mean(ratio)),
+            "paired_mean_ci95_pct": 100 * ci,
             "paired_p10_pct": 100 * float(np.percentile(ratio, 10)),
             "paired_p90_pct": 100 * float(np.percentile(ratio, 90)),
         }
@@ -657,48 +721,54 @@ def part_step(args, device, results):
         else "peak RSS of one step minus RSS before model build (VmHWM, fresh process each)"
     )
     print(
-        f"\nforeground RoIs per image (sampled): median {np.median(fg_vals):.0f} "
-        f"(min {min(fg_vals):.0f}, max {max(fg_vals):.0f}); FASA virtual features drawn per step: "
+        f"\nsampled RoIs per image: {np.median(fg_vals):.0f} foreground + "
+        f"{np.median(bg_vals):.0f} background (medians; fg range {min(fg_vals):.0f}.."
+        f"{max(fg_vals):.0f}); FASA virtual features drawn per step: "
         f"mean {np.mean(nv_vals) if nv_vals else float('nan'):.2f} "
         f"(sum of p_c = {lvis_fasa_probs().sum():.3f})"
     )
     print(f"peak memory = {mem_what}\n")
-    print("| variant | median (ms) | p10 (ms) | p90 (ms) | peak memory (MiB) | vs base: time | vs base: memory |")
+    print(
+        "| variant | median (ms) | p10 (ms) | p90 (ms) | peak memory (MiB) | vs base: time | vs base: memory |"  # noqa: E501
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in VARIANTS:
         r = res[name]
         o = over.get(name)
         t_o = (
-            f"{o['paired_median_pct']:+.2f}% [{o['paired_p10_pct']:+.1f}, {o['paired_p90_pct']:+.1f}]"
+            f"{o['paired_median_pct']:+.2f}% [{o['paired_p10_pct']:+.1f}, {o['paired_p90_pct']:+.1f}]"  # noqa: E501
             if o
             else "(base)"
         )
-        m_o = f"{o['memory_pct']:+.2f}% ({o['memory_mib']:+.1f} MiB)" if o and "memory_pct" in o else "(base)"
+        m_o = (
+            f"{o['memory_pct']:+.2f}% ({o['memory_mib']:+.1f} MiB)"
+            if o and "memory_pct" in o
+            else "(base)"
+        )
         pk = mem[name].get("peak_mib")
         print(
             f"| {name} | {r['median_ms']:.0f} | {r['p10_ms']:.0f} | {r['p90_ms']:.0f} | "
             f"{pk:.0f} | {t_o} | {m_o} |"
         )
     print(
-        "\n(time overhead: median over repetitions of FASA step / base step of the same repetition "
-        "- 1, [p10, p90] of those ratios; the ratio of the two medians is in the JSON)"
+        "\n(vs base, time: median over repetitions of (FASA step / base step of the same "
+        "repetition) - 1, [p10, p90] of those ratios; memory: difference of the peaks)"
     )
-    verdict = {}
-    for base, fasa in PAIRS:
-        o = over[fasa]
-        t_ok = o["paired_median_pct"] <= TARGET_PCT
-        m_ok = o.get("memory_pct", float("inf")) <= TARGET_PCT
-        noisy = o["paired_p10_pct"] <= TARGET_PCT < o["paired_p90_pct"]
-        verdict[fasa] = {"time_met": t_ok, "memory_met": m_ok, "time_band_straddles_target": noisy}
-        print(
-            f"target (<= {TARGET_PCT:g}% time and memory; paper {PAPER}) for {base} -> {fasa}: "
-            f"time {o['paired_median_pct']:+.2f}% {'MET' if t_ok else 'NOT MET'}"
-            + (" (p10..p90 straddles the target: within noise)" if noisy else "")
-            + f", memory {o.get('memory_pct', float('nan')):+.2f}% {'MET' if m_ok else 'NOT MET'}"
+    n_rois = int(round(np.median(fg_vals) + np.median(bg_vals))) * args.batch
+    n_fg = int(round(np.median(fg_vals))) * args.batch
+    print(
+        f"\nFASA's own work in the box predictor, isolated ({n_rois} RoIs, {n_fg} fg, ReLU "
+        f"features, the LVIS bank above):\n"
+    )
+    with ForeignCpu() as foreign_b:
+        brk = fasa_breakdown(
+            {n: models[n] for n in ("CE+FASA", "Seesaw+FASA")},
+            device,
+            args.breakdown_reps,
+            n_rois,
+            n_fg,
         )
-
-    print("\nFASA's own work in the box predictor, isolated (1024 RoIs, 25% fg, LVIS bank):\n")
-    brk = fasa_breakdown({n: models[n] for n in ("CE+FASA", "Seesaw+FASA")}, device, args.breakdown_reps)
+    foreign_b.report("the isolated timing")
     print("| variant | piece | median (ms) | p10 (ms) | p90 (ms) | share of base step |")
     print("|---|---|---:|---:|---:|---:|")
     for name, parts in brk.items():
@@ -709,6 +779,44 @@ def part_step(args, device, results):
                 f"| {name} | {piece} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | "
                 f"{r['p90_ms']:.2f} | {share:.2f}% |"
             )
+
+    print(
+        f"\ntarget: FASA adds <= {TARGET_PCT:g}% time and <= {TARGET_PCT:g}% memory (paper: {PAPER})"  # noqa: E501
+    )
+    verdict = {}
+    for base, fasa in PAIRS:
+        o = over[fasa]
+        total_key = next(k for k in brk[fasa] if k.startswith("fasa_losses"))
+        iso = 100 * brk[fasa][total_key]["median_ms"] / res[base]["median_ms"]
+        o["isolated_pct"] = iso
+        lo, hi = (
+            o["paired_mean_pct"] - o["paired_mean_ci95_pct"],
+            o["paired_mean_pct"] + o["paired_mean_ci95_pct"],
+        )
+        resolved = o["paired_mean_ci95_pct"] < TARGET_PCT
+        # The isolated timing of FASA's own work is precise; the whole-step comparison checks
+        # that nothing else (allocation, caches) adds to it, when its noise allows.
+        if iso > TARGET_PCT:
+            t_verdict = "NOT MET"
+        elif resolved:
+            t_verdict = "MET" if hi <= TARGET_PCT else ("NOT MET" if lo > TARGET_PCT else "UNCLEAR")
+        elif lo > TARGET_PCT:
+            t_verdict = "UNCLEAR (step-level exceeds the target beyond its noise)"
+        else:
+            t_verdict = "MET by the isolated timing (step-level too noisy to confirm)"
+        m_ok = o.get("memory_pct", float("inf")) <= TARGET_PCT
+        verdict[fasa] = {"time": t_verdict, "memory_met": m_ok, "step_level_resolved": resolved}
+        print(
+            f"  {base} -> {fasa}: time {t_verdict}: isolated FASA work {iso:.2f}% of the {base} "
+            f"step; step-level {o['paired_mean_pct']:+.2f}% +- {o['paired_mean_ci95_pct']:.2f}% "
+            f"(mean paired ratio, ~95% CI; median {o['paired_median_pct']:+.2f}%). Memory "
+            f"{'MET' if m_ok else 'NOT MET'}: {o.get('memory_pct', float('nan')):+.2f}%"
+        )
+    if args.image_size < 800:
+        print(
+            f"  ({H}x{W} images: FASA's cost does not depend on the image size while the rest of "
+            "the step grows with it, so at the LVIS recipe's 800 px its share is smaller)"
+        )
     results["step"] = {
         "image_hw": [H, W],
         "background": quiet,
@@ -719,8 +827,10 @@ def part_step(args, device, results):
         "memory": mem,
         "memory_method": mem_what,
         "fg_per_image": fg_vals,
+        "bg_per_image": bg_vals,
         "fasa_num_virtual": nv_vals,
         "fasa_breakdown": brk,
+        "other_processes_cores_breakdown": foreign_b.cores,
     }
     del models, steps, opts
 
@@ -802,7 +912,9 @@ def part_generation(args, device, results):
         for regime, p in regimes.items():
             p = p.to(device)
             fns = {
-                "ours: sample_virtual_features": lambda p=p: sample_virtual_features(mean, var, seen, p, k),
+                "ours: sample_virtual_features": lambda p=p: sample_virtual_features(
+                    mean, var, seen, p, k
+                ),
                 "loop: per-class Python loop": lambda p=p: loop_generate(mean, var, seen, p, k),
                 "reference: fa_generate": lambda p=p: reference_generate(mean, var, count, p, k),
             }
@@ -815,7 +927,9 @@ def part_generation(args, device, results):
                     logits = cls(feats)
                     if weighted:
                         w = out[2]
-                        loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum().clamp(min=1)
+                        loss = (
+                            F.cross_entropy(logits, labels, reduction="none") * w
+                        ).sum() / w.sum().clamp(min=1)
                     else:
                         loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0
                     loss.backward()
@@ -841,14 +955,18 @@ def part_generation(args, device, results):
                 "with_classifier": {n: stats_ms(t) for n, t in t_full.items()},
             }
     foreign.report("generation timing")
-    print("\n| p regime | implementation | rows out | generation median (ms) | p10 | p90 | + classifier & CE fwd/bwd median (ms) |")
+    print(
+        "\n| p regime | implementation | rows out | generation median (ms) | p10 | p90 | + classifier & CE fwd/bwd median (ms) |"  # noqa: E501
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for regime, r in rows.items():
         gnames = list(r["generation"])
         fnames = list(r["with_classifier"])
         for gname, fname in zip(gnames, fnames):
             g, f = r["generation"][gname], r["with_classifier"][fname]
-            out_rows = f"{C * k}" if gname.startswith("ours") else f"~{r['expected_drawn_rows']:.1f}"
+            out_rows = (
+                f"{C * k}" if gname.startswith("ours") else f"~{r['expected_drawn_rows']:.1f}"
+            )
             print(
                 f"| {regime} | {gname} | {out_rows} | {g['median_ms']:.3f} | {g['p10_ms']:.3f} | "
                 f"{g['p90_ms']:.3f} | {f['median_ms']:.3f} |"
@@ -873,6 +991,7 @@ def part_generation(args, device, results):
 def register_val_subset(n):
     """First n images (by id) of longtail_synth_quickstart_val as their own LVIS dataset."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
+
     from fasa_seesaw.data import prepare_datasets, register_longtail_lvis
 
     src = "longtail_synth_quickstart_val"
@@ -884,7 +1003,9 @@ def register_val_subset(n):
     if n > 0:
         images = images[:n]
     ids = {im["id"] for im in images}
-    data = dict(data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+    data = dict(
+        data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids]
+    )
     tmp = tempfile.mkdtemp(prefix="bench_fasa_")
     json_file = os.path.join(tmp, f"quickstart_val_first{len(images)}.json")
     with open(json_file, "w") as f:
@@ -898,21 +1019,31 @@ def register_val_subset(n):
 
 
 def part_pass(args, device, results):
+    import logging
+
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import build_detection_test_loader
     from detectron2.evaluation import inference_on_dataset
     from detectron2.utils.logger import setup_logger
+
     from fasa_seesaw.engine import FASAAdaptationHook
     from fasa_seesaw.evaluation import LongTailLVISEvaluator
-    import logging
 
     name, n_img, n_ann, tmp = register_val_subset(args.val_images)
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
     cfg.merge_from_file(str(QUICKSTART_CFG))
     cfg.merge_from_list(
-        ["MODEL.WEIGHTS", args.pass_weights or "", "MODEL.DEVICE", args.device,
-         "DATASETS.TEST", (name,), "MODEL.FASA.ADAPT.HELDOUT_DATASET", name]
+        [
+            "MODEL.WEIGHTS",
+            args.pass_weights or "",
+            "MODEL.DEVICE",
+            args.device,
+            "DATASETS.TEST",
+            (name,),
+            "MODEL.FASA.ADAPT.HELDOUT_DATASET",
+            name,
+        ]
     )
     cfg.freeze()
     torch.manual_seed(args.seed)
@@ -934,6 +1065,7 @@ def part_pass(args, device, results):
     setup_logger(name="detectron2", abbrev_name="d2")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     logging.getLogger("fasa_seesaw").setLevel(logging.WARNING)
+    logging.getLogger("lvis").setLevel(logging.ERROR)
 
     def val_pass():
         _, stats = hook.validation_losses(model)
@@ -942,7 +1074,9 @@ def part_pass(args, device, results):
     def eval_pass():
         t0 = time.perf_counter()
         evaluator = LongTailLVISEvaluator(
-            name, output_dir=os.path.join(tmp, "eval"), max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE
+            name,
+            output_dir=os.path.join(tmp, "eval"),
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
         )
         loader = build_detection_test_loader(cfg, name)
         orig = evaluator.evaluate
@@ -955,7 +1089,8 @@ def part_pass(args, device, results):
             return r
 
         evaluator.evaluate = timed_evaluate
-        res = inference_on_dataset(model, loader, evaluator)
+        with contextlib.redirect_stdout(io.StringIO()):  # the LVIS API prints its tables
+            res = inference_on_dataset(model, loader, evaluator)
         te["total_s"] = time.perf_counter() - t0
         te["num_dets"] = sum(len(p.get("instances", [])) for p in evaluator._predictions)
         eval_detail.setdefault("eval", []).append(te)
@@ -972,12 +1107,12 @@ def part_pass(args, device, results):
         )
     foreign.report("pass timing")
     res = {n: stats_ms(t) for n, t in times.items()}
-    ev = eval_detail["eval"][-args.pass_reps:]
+    ev = eval_detail["eval"][-args.pass_reps :]
     eval_ms = float(np.median([e["evaluate_s"] for e in ev]) * 1e3)
     num_dets = ev[-1]["num_dets"]
     v, e = res["FASA validation-loss pass"], res["inference + LVIS evaluation"]
     print("| pass | median (s) | p10 (s) | p90 (s) | per image (ms) |")
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")  # noqa: E501
     for n, r in res.items():
         print(
             f"| {n} | {r['median_ms'] / 1e3:.2f} | {r['p10_ms'] / 1e3:.2f} | {r['p90_ms'] / 1e3:.2f} | "
@@ -1013,7 +1148,10 @@ def main(argv=None):
     ap.add_argument("--part", default="all", choices=["step", "generation", "pass", "all"])
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     ap.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: all available cores)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: all available cores)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="OUT", default=None, help="write the results to OUT")
@@ -1033,11 +1171,12 @@ def main(argv=None):
         "--fg-per-image",
         type=int,
         default=64,
-        help="foreground proposals per image: the GT boxes plus jittered copies put in place of "
-        "the lowest-ranked RPN proposals (stand-in for a trained RPN; 0: random-init RPN only, "
-        "i.e. only the GT boxes are foreground). Default 64 (detectron2 caps at 128)",
+        help="foreground proposals per image (GT boxes included; the sampler takes at most "
+        "512 * 0.25 = 128). Default 64",
     )
-    g.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 5 CPU, 30 CUDA)")
+    g.add_argument(
+        "--reps", type=int, default=None, help="timed steps per variant (default 5 CPU, 30 CUDA)"
+    )
     g.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (default 1)")
     g.add_argument(
         "--lr",
@@ -1047,22 +1186,35 @@ def main(argv=None):
         "lr 0 keeps the random-init model, so the proposals and sampled RoIs, fixed across "
         "repetitions)",
     )
-    g.add_argument("--breakdown-reps", type=int, default=20, help="reps of the isolated FASA timing")
+    g.add_argument(
+        "--breakdown-reps", type=int, default=20, help="reps of the isolated FASA timing"
+    )
     g.add_argument("--mem-warmup", type=int, default=1, help="untimed steps before the memory step")
-    g.add_argument("--mem-steps", type=int, default=1, help="steps whose peak memory is taken (max)")
+    g.add_argument(
+        "--mem-steps", type=int, default=1, help="steps whose peak memory is taken (max)"
+    )
     g.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     g = ap.add_argument_group("part generation")
     g.add_argument("--gen-reps", type=int, default=200, help="timed calls per implementation")
     g.add_argument("--samples-per-class", type=int, default=1)
     g = ap.add_argument_group("part pass")
-    g.add_argument("--val-images", type=int, default=100, help="images of the val split (0: all 200)")
+    g.add_argument(
+        "--val-images", type=int, default=100, help="images of the val split (0: all 200)"
+    )
     g.add_argument("--pass-reps", type=int, default=3)
-    g.add_argument("--pass-weights", default="", help="checkpoint for the quickstart model (default: random init)")
+    g.add_argument(
+        "--pass-weights",
+        default="",
+        help="checkpoint for the quickstart model (default: random init)",
+    )
     g = ap.add_argument_group("waiting for a quiet machine")
     g.add_argument("--quiet-cores", type=float, default=0.15, help="busy cores that count as quiet")
     g.add_argument("--quiet-window", type=float, default=3.0, help="seconds per load sample")
     g.add_argument(
-        "--quiet-timeout", type=float, default=1200.0, help="max seconds to wait per part (0: do not wait)"
+        "--quiet-timeout",
+        type=float,
+        default=1200.0,
+        help="max seconds to wait per part (0: do not wait)",
     )
     args = ap.parse_args(argv)
 
@@ -1088,7 +1240,9 @@ def main(argv=None):
     results = {}
     parts = ["step", "generation", "pass"] if args.part == "all" else [args.part]
     for part in parts:
-        {"step": part_step, "generation": part_generation, "pass": part_pass}[part](args, device, results)
+        {"step": part_step, "generation": part_generation, "pass": part_pass}[part](
+            args, device, results
+        )
 
     if args.json:
         out = {
