@@ -1112,10 +1112,10 @@ def part_pass(args, device, results):
     num_dets = ev[-1]["num_dets"]
     v, e = res["FASA validation-loss pass"], res["inference + LVIS evaluation"]
     print("| pass | median (s) | p10 (s) | p90 (s) | per image (ms) |")
-    print("|---|---:|---:|---:|---:|")  # noqa: E501
+    print("|---|---:|---:|---:|---:|")
     for n, r in res.items():
         print(
-            f"| {n} | {r['median_ms'] / 1e3:.2f} | {r['p10_ms'] / 1e3:.2f} | {r['p90_ms'] / 1e3:.2f} | "
+            f"| {n} | {r['median_ms'] / 1e3:.2f} | {r['p10_ms'] / 1e3:.2f} | {r['p90_ms'] / 1e3:.2f} | "  # noqa: E501
             f"{r['median_ms'] / n_img:.1f} |"
         )
     print(
