@@ -79,6 +79,7 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.register_buffer("fasa_probs", torch.full((self.num_classes,), 1.0 / self.num_classes))
         self.register_buffer("fasa_probs_initialized", torch.zeros((), dtype=torch.bool))
         self._fasa_input = None
+        self._probs_ready = False
 
     @classmethod
     def from_config(cls, cfg, input_shape, **kwargs):
@@ -135,16 +136,10 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     def virtual_cls_loss(self, logits, labels, weight):
         """
-        Weighted mean over drawn rows of the loss the real RoIs use: softmax CE, or the per-row
-        sigmoid BCE over all classes (federated class sampling is not applied to virtual rows).
+        Weighted mean over drawn rows of the loss the real RoIs use (``per_roi_cls_loss``;
+        federated class sampling is not applied to virtual rows).
         """
-        if self.use_sigmoid_ce:
-            target = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes].to(logits)
-            per_row = F.binary_cross_entropy_with_logits(
-                logits[:, :-1], target, reduction="none"
-            ).sum(dim=1)
-        else:
-            per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+        per_row = self.per_roi_cls_loss(logits, labels)
         return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 
     def initialize_fasa_probs(self):
@@ -161,8 +156,11 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.fasa_probs_initialized.fill_(True)
 
     def fasa_losses(self, features, gt_classes):
-        if not bool(self.fasa_probs_initialized):
-            self.initialize_fasa_probs()
+        if not self._probs_ready:
+            # Read the buffer once (it may come from a checkpoint), not every step.
+            if not bool(self.fasa_probs_initialized):
+                self.initialize_fasa_probs()
+            self._probs_ready = True
         self.fasa_bank.update(features, gt_classes)
         if self.fasa["warmup_iters"] < 0:
             # Default warm-up: one epoch of the training set (deterministic, so a resumed run

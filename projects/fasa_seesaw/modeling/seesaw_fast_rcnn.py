@@ -140,20 +140,14 @@ class SeesawFastRCNNOutputLayers(FASAFastRCNNOutputLayers):
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def per_roi_cls_loss(self, scores, gt_classes):
+        """Seesaw CE with the current counts, which it does not change (background rows: any
+        value, callers mask them). Virtual rows use it too, so they never enter the counts."""
         is_fg = gt_classes < self.num_classes
         labels = torch.where(is_fg, gt_classes, torch.zeros_like(gt_classes))
         with torch.autocast(device_type=scores.device.type, enabled=False):
             return seesaw_cross_entropy(
                 scores[:, : self.num_classes], labels, self.class_counts, self.p, self.q, self.eps
             )
-
-    def virtual_cls_loss(self, logits, labels, weight):
-        """Seesaw CE of the virtual rows with the current counts, which they do not change."""
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            per_row = seesaw_cross_entropy(
-                logits[:, : self.num_classes], labels, self.class_counts, self.p, self.q, self.eps
-            )
-        return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 
     def _log_seesaw_stats(self, scores, gt_classes, prefix="fast_rcnn"):
         """
