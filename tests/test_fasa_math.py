@@ -139,26 +139,49 @@ class TestVirtualFeatures(unittest.TestCase):
         var = torch.tensor([[1.0, 4.0], [0.25, 1.0], [1.0, 1.0]])
         seen = torch.tensor([True, True, False])
         probs = torch.tensor([0.3, 0.8, 1.0])
-        g = torch.Generator().manual_seed(0)
         n_draws, k = 4000, 2
-        drawn = torch.zeros(3)
-        sums = torch.zeros(3, 2)
-        sq = torch.zeros(3, 2)
-        for _ in range(n_draws):
-            f, lab, w = sample_virtual_features(mean, var, seen, probs, k, generator=g)
-            self.assertEqual(f.shape, (3 * k, 2))
-            self.assertEqual(lab.tolist(), [0, 0, 1, 1, 2, 2])
-            drawn += w.view(3, k)[:, 0]
-            sums += f.view(3, k, 2).sum(1)
-            sq += (f.view(3, k, 2) ** 2).sum(1)
-        freq = drawn / n_draws
-        self.assertAlmostEqual(freq[0].item(), 0.3, delta=0.03)
-        self.assertAlmostEqual(freq[1].item(), 0.8, delta=0.03)
-        self.assertEqual(freq[2].item(), 0.0)  # never seen: never drawn
-        m = sums / (n_draws * k)
-        v = sq / (n_draws * k) - m**2
-        torch.testing.assert_close(m[:2], mean[:2], atol=0.08, rtol=0)
-        torch.testing.assert_close(v[:2], var[:2], atol=0.15, rtol=0.05)
+        for compact in (False, True):
+            with self.subTest(compact=compact):
+                g = torch.Generator().manual_seed(0)
+                drawn = torch.zeros(3)
+                sums = torch.zeros(3, 2)
+                sq = torch.zeros(3, 2)
+                rows = torch.zeros(3)
+                for _ in range(n_draws):
+                    f, lab, w = sample_virtual_features(
+                        mean, var, seen, probs, k, generator=g, compact=compact
+                    )
+                    if compact:
+                        # only drawn rows, k per drawn class, in class order, weight 1
+                        self.assertEqual(f.shape[0] % k, 0)
+                        self.assertTrue(bool((w == 1).all()))
+                        self.assertTrue(bool((lab.view(-1, k) == lab.view(-1, k)[:, :1]).all()))
+                        self.assertEqual(lab.tolist(), sorted(lab.tolist()))
+                        w = w * 1.0
+                    else:
+                        self.assertEqual(f.shape, (3 * k, 2))
+                        self.assertEqual(lab.tolist(), [0, 0, 1, 1, 2, 2])
+                    # per-class tallies from (labels, weight): independent of the layout
+                    drawn.index_add_(0, lab, w / k)
+                    sums.index_add_(0, lab, f * w[:, None])
+                    sq.index_add_(0, lab, f**2 * w[:, None])
+                    rows.index_add_(0, lab, w)
+                freq = drawn / n_draws
+                self.assertAlmostEqual(freq[0].item(), 0.3, delta=0.03)
+                self.assertAlmostEqual(freq[1].item(), 0.8, delta=0.03)
+                self.assertEqual(freq[2].item(), 0.0)  # never seen: never drawn
+                m = sums[:2] / rows[:2, None]
+                v = sq[:2] / rows[:2, None] - m**2
+                torch.testing.assert_close(m, mean[:2], atol=0.08, rtol=0)
+                torch.testing.assert_close(v, var[:2], atol=0.15, rtol=0.05)
+
+    def test_compact_is_default_on_cpu(self):
+        mean, var = torch.zeros(50, 4), torch.ones(50, 4)
+        seen = torch.ones(50, dtype=torch.bool)
+        f, lab, w = sample_virtual_features(mean, var, seen, torch.full((50,), 0.1), 2)
+        self.assertLess(f.shape[0], 100)  # P(all 50 drawn at p=0.1) is 1e-50
+        f, lab, w = sample_virtual_features(mean, var, seen, torch.zeros(50), 2)
+        self.assertEqual(tuple(f.shape), (0, 4))
 
     def test_clamp(self):
         mean, var = torch.zeros(2, 5), torch.ones(2, 5)

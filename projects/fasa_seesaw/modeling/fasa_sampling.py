@@ -48,30 +48,49 @@ def sample_virtual_features(
     samples_per_class: int = 1,
     clamp_min: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    compact: Optional[bool] = None,
 ):
     """
-    Draw virtual features for every class at once.
+    Draw virtual features for every class at once (no per-class Python loop).
 
     Each class c is drawn with probability p_c (Bernoulli, and only if it has been seen); a drawn
-    class yields ``samples_per_class`` features mu_c + sigma_c * N(0, I). To stay free of
-    host-device syncs the output has a fixed shape, C * samples_per_class rows, with a 0/1
-    ``weight`` saying which rows were drawn; the loss multiplies by it.
+    class yields ``samples_per_class`` features mu_c + sigma_c * N(0, I).
+
+    Two layouts, the same distribution:
+
+    - fixed (``compact=False``, the default on accelerators): C * samples_per_class rows whatever
+      was drawn, with a 0/1 ``weight`` saying which rows count; no host-device sync, so the
+      training step never waits on the accelerator.
+    - compact (``compact=True``, the default on CPU, where there is nothing to wait for): only
+      the rows of drawn classes, all with weight 1, so the classifier runs on a handful of rows
+      instead of C * samples_per_class.
 
     Returns:
-        features (C*k, D), labels (C*k,), weight (C*k,) float.
+        features (N, D), labels (N,), weight (N,) float.
     """
     C, D = mean.shape
     k = samples_per_class
     device = mean.device
+    if compact is None:
+        compact = device.type == "cpu"
     u = torch.rand(C, device=device, generator=generator)
     drawn = (u < probs.to(device=device, dtype=u.dtype)) & seen
-    noise = torch.randn(C, k, D, device=device, generator=generator, dtype=mean.dtype)
-    feats = mean[:, None, :] + var.clamp(min=0).sqrt()[:, None, :] * noise
+    if compact:
+        idx = drawn.nonzero().squeeze(1)
+        n = idx.numel()
+        noise = torch.randn(n, k, D, device=device, generator=generator, dtype=mean.dtype)
+        feats = mean[idx][:, None, :] + var[idx].clamp(min=0).sqrt()[:, None, :] * noise
+        labels = idx.repeat_interleave(k)
+        weight = torch.ones(n * k, device=device, dtype=mean.dtype)
+    else:
+        n = C
+        noise = torch.randn(C, k, D, device=device, generator=generator, dtype=mean.dtype)
+        feats = mean[:, None, :] + var.clamp(min=0).sqrt()[:, None, :] * noise
+        labels = torch.arange(C, device=device).repeat_interleave(k)
+        weight = drawn.to(mean.dtype).repeat_interleave(k)
     if clamp_min is not None:
         feats = feats.clamp(min=clamp_min)
-    labels = torch.arange(C, device=device).repeat_interleave(k)
-    weight = drawn.to(mean.dtype).repeat_interleave(k)
-    return feats.reshape(C * k, D), labels, weight
+    return feats.reshape(n * k, D), labels, weight
 
 
 def adapt_probabilities(
