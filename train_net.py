@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections import OrderedDict
 import torch
 
 import detectron2.utils.comm as comm
@@ -35,7 +36,9 @@ from fasa_seesaw.data.heldout import base_dataset
 from fasa_seesaw.data.resumable import resumable_training_dataset
 from fasa_seesaw.engine import FASAAdaptationHook, ProgressHook, RNGStateHook, check_config
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
+from fasa_seesaw.engine.grad_stats import build_grad_stats_hook
 from fasa_seesaw.evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
+from fasa_seesaw.evaluation.topk_inference import per_class_score_floor
 
 logger = logging.getLogger("fasa_seesaw.train_net")
 
@@ -45,11 +48,24 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return LongTailLVISEvaluator(
-            dataset_name,
-            output_dir=output_folder,
-            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        )
+        return LongTailLVISEvaluator.from_config(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        if cfg.FASA_SEESAW.EVAL.TOPK_PER_CLASS <= 0:
+            return super().test(cfg, model, evaluators)
+        # Top-K-per-class inference (AP-Fixed / AP-Pool): no per-image cap, and each class's
+        # scores must beat the K-th best that class has collected so far.
+        if evaluators is None:
+            evaluators = [cls.build_evaluator(cfg, name) for name in cfg.DATASETS.TEST]
+        results = OrderedDict()
+        for name, evaluator in zip(cfg.DATASETS.TEST, evaluators):
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (name,)
+            with per_class_score_floor(evaluator.score_floor):
+                results[name] = super().test(one, model, [evaluator])
+        return results if len(results) > 1 else next(iter(results.values()))
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -112,6 +128,9 @@ class Trainer(DefaultTrainer):
             )
             # Stateful: runs before the checkpointer so checkpoints hold the adapted state.
             hooks.insert(_checkpointer_index(hooks), hook)
+        grad_stats = build_grad_stats_hook(self.cfg)
+        if grad_stats is not None:  # stateful: before the checkpointer
+            hooks.insert(_checkpointer_index(hooks), grad_stats)
         hooks.insert(_checkpointer_index(hooks), RNGStateHook())
         period = self.cfg.FASA_SEESAW.PROGRESS_PERIOD
         if period > 0:

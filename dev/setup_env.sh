@@ -38,13 +38,13 @@ fi
 # 3. Pure-Python and binary-wheel dependencies: only the missing ones, so packages the user
 #    already has are left at their versions.
 missing=()
-for pair in fvcore:fvcore iopath:iopath pycocotools:pycocotools lvis:lvis==0.5.3 \
+for pair in fvcore:fvcore iopath:iopath pycocotools:pycocotools lvis:lvis==0.5.3 hotcoco:hotcoco \
             sklearn:scikit-learn cv2:opencv-python matplotlib:matplotlib pytest:pytest; do
   module="${pair%%:*}"; package="${pair#*:}"
   "$PY" -c "import $module" 2>/dev/null || missing+=("$package")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  say "fvcore, iopath, pycocotools, lvis, scikit-learn, opencv, matplotlib, pytest: ok"
+  say "fvcore, iopath, pycocotools, lvis, hotcoco, scikit-learn, opencv, matplotlib, pytest: ok"
 else
   say "installing ${missing[*]}"
   pip_install "${missing[@]}" \

@@ -94,6 +94,55 @@ class TestEndToEnd(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr[-3000:])
         self.assertEqual(summary(r.stdout), summary(self.train.stdout))
 
+    def test_top_k_per_class_inference(self):
+        """The bounded top-K-per-class mode keeps exactly what an uncapped run capped per class
+        would keep, and reports AP-Fixed, AP-Pool and TIDE next to the per-category CSV."""
+        import glob
+        import json
+
+        from fasa_seesaw.evaluation import cap_per_class
+
+        self.assertEqual(self.train.returncode, 0)
+        weights = os.path.join(self.out, "model_final.pth")
+        base = (
+            ["--config-file", CONFIG, "--eval-only"]
+            + SMOKE_OPTS
+            + ["MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.001"]
+        )
+        k = 15
+        out_topk, out_all = os.path.join(self.tmp, "topk"), os.path.join(self.tmp, "all")
+        topk = run_train_net(
+            base
+            + ["FASA_SEESAW.EVAL.TOPK_PER_CLASS", str(k), "FASA_SEESAW.EVAL.FIXED_K", str(k)]
+            + ["FASA_SEESAW.EVAL.EXTRAS", "('fixed', 'pool', 'tide')", "OUTPUT_DIR", out_topk],
+            self.env,
+        )
+        self.assertEqual(topk.returncode, 0, topk.stderr[-3000:])
+        full = run_train_net(
+            base + ["TEST.DETECTIONS_PER_IMAGE", "-1", "OUTPUT_DIR", out_all], self.env
+        )
+        self.assertEqual(full.returncode, 0, full.stderr[-3000:])
+
+        def load(out, name):
+            (path,) = glob.glob(os.path.join(out, "**", name), recursive=True)
+            with open(path) as f:
+                return json.load(f) if name.endswith(".json") else f.read()
+
+        def key(r):
+            return (r["image_id"], r["category_id"], round(r["score"], 6), *map(round, r["bbox"]))
+
+        got = load(out_topk, "lvis_instances_results.json")
+        everything = load(out_all, "lvis_instances_results.json")
+        expected, _ = cap_per_class(everything, k)
+        self.assertGreater(len(everything), len(expected))  # the cap did something
+        self.assertEqual(sorted(map(key, got)), sorted(map(key, expected)))
+        metrics = load(out_topk, "lvis_metrics.json")
+        for name in ("AP-Fixed", "APr-Fixed", "AP-Pool", "AP-Pool-r", "TIDE-Cls", "TIDE-Miss"):
+            self.assertIn(name, metrics["segm"])
+        csv_text = load(out_topk, "per_category_ap_bbox.csv")
+        self.assertEqual(csv_text.splitlines()[0], "category_id,name,frequency,train_images,ap")
+        self.assertEqual(len(csv_text.splitlines()), 13)
+
     def test_refuses_to_overwrite_checkpoints(self):
         self.assertEqual(self.train.returncode, 0)
         weights = os.path.join(self.out, "model_final.pth")

@@ -84,3 +84,24 @@ def add_fasa_seesaw_config(cfg):
     _C.FASA_SEESAW.PROGRESS_PERIOD = 20
     # Fail early when MODEL.ROI_HEADS.NUM_CLASSES disagrees with the training dataset's categories.
     _C.FASA_SEESAW.CHECK_NUM_CLASSES = True
+
+    # LVIS evaluation of train_net.py (fasa_seesaw.evaluation).
+    _C.FASA_SEESAW.EVAL = CN()
+    # "hotcoco" (fast, Rust) or "lvis" (the official lvis-api); they give the same numbers.
+    _C.FASA_SEESAW.EVAL.ENGINE = "hotcoco"
+    # Extra metrics besides LVIS AP: any of "fixed" (AP-Fixed), "pool" (AP-Pool), "tide".
+    _C.FASA_SEESAW.EVAL.EXTRAS = []
+    # K of AP-Fixed and AP-Pool: detections kept per class over the dataset.
+    _C.FASA_SEESAW.EVAL.FIXED_K = 10000
+    # > 0: keep only the top K results per class while collecting predictions (memory bounded
+    # by K x classes) and evaluate without a per-image cap; for AP-Fixed, pair it with a low
+    # MODEL.ROI_HEADS.SCORE_THRESH_TEST and TEST.DETECTIONS_PER_IMAGE above 300.
+    _C.FASA_SEESAW.EVAL.TOPK_PER_CLASS = 0
+    # Write per_category_ap_<task>.png next to the CSV.
+    _C.FASA_SEESAW.EVAL.FIGURES = True
+
+    _C.FASA_SEESAW.GRAD_STATS = CN()
+    # Accumulate per-category positive and negative gradients on the class logits during
+    # training (Seesaw supplement Figure A1) and write OUTPUT_DIR/grad_stats.csv and
+    # grad_ratio.png at the end (fasa_seesaw.engine.grad_stats.GradientStatsHook).
+    _C.FASA_SEESAW.GRAD_STATS.ENABLED = False

@@ -8,13 +8,14 @@ from typing import Sequence, Tuple
 
 from detectron2.data import DatasetCatalog
 
-__all__ = ["instance_counts_of", "epoch_iterations"]
+__all__ = ["instance_counts_of", "image_counts_of", "epoch_iterations"]
 
 
 @functools.lru_cache(maxsize=16)
-def _summary(name: str, num_classes: int) -> Tuple[int, np.ndarray]:
-    """(number of images, per-class instance counts); cached, since LVIS train takes a while to
-    load and both FASA's initial probabilities and its epoch length need it."""
+def _summary(name: str, num_classes: int) -> Tuple[int, np.ndarray, np.ndarray]:
+    """(number of images, per-class instance counts, per-class image counts); cached, since LVIS
+    train takes a while to load and FASA's initial probabilities, its epoch length and the
+    gradient statistics' category table need it."""
     dicts = DatasetCatalog.get(name)
     ids = np.asarray(
         [a["category_id"] for d in dicts for a in d.get("annotations", ())], dtype=np.int64
@@ -26,12 +27,25 @@ def _summary(name: str, num_classes: int) -> Tuple[int, np.ndarray]:
         )
     counts = np.bincount(ids, minlength=num_classes) if ids.size else np.zeros(num_classes, int)
     counts.setflags(write=False)
-    return len(dicts), counts
+    # Each class once per image, however many instances it has there.
+    img = np.asarray(
+        [i for i, d in enumerate(dicts) for _ in d.get("annotations", ())], dtype=np.int64
+    )
+    pairs = np.unique(img * num_classes + ids)
+    per_image = np.bincount(pairs % num_classes, minlength=num_classes).astype(np.int64)
+    per_image.setflags(write=False)
+    return len(dicts), counts, per_image
 
 
 def instance_counts_of(dataset_names: Sequence[str], num_classes: int) -> np.ndarray:
     """Per-class number of annotated instances over the datasets (contiguous class ids)."""
     return sum(_summary(name, num_classes)[1] for name in dataset_names).astype(np.int64)
+
+
+def image_counts_of(dataset_names: Sequence[str], num_classes: int) -> np.ndarray:
+    """Per-class number of images with at least one instance of the class (LVIS's image_count,
+    which defines the r/c/f groups), over the datasets."""
+    return sum(_summary(name, num_classes)[2] for name in dataset_names).astype(np.int64)
 
 
 def epoch_iterations(dataset_names: Sequence[str], ims_per_batch: int, num_classes: int) -> int:

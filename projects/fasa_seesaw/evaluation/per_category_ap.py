@@ -10,43 +10,34 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils import comm
 
-from .lvis_evaluation import lvis_numpy2_compat
+from .lvis_engines import EmptyResultsError, evaluate_lvis, load_lvis_gt
 
 __all__ = ["per_category_ap", "PerCategoryAPEvaluator"]
 
 logger = logging.getLogger(__name__)
 
 
-def per_category_ap(lvis_gt, results, image_ids, iou_type="bbox", max_dets=300):
+def per_category_ap(gt, results, image_ids, iou_type="bbox", max_dets=300, engine="hotcoco"):
     """
-    AP of each category (ordered by category id) over ``image_ids`` only, from lvis-api's
-    precision array (mean over IoU thresholds and recall points, area "all"); NaN where a
+    AP of each category (ordered by category id; fraction) over ``image_ids`` only: the mean of
+    the LVIS precision array over IoU thresholds and recall points, area "all"; NaN where a
     category has no ground truth there.
 
     Args:
-        lvis_gt: an ``lvis.LVIS`` object.
+        gt: the LVIS json as a dict (or an ``lvis.LVIS`` object).
         results: LVIS-format detections (category ids as in the json).
         image_ids: the images evaluated; restricting them matters when the json holds more
             images than were run (a held-out part of train).
+        engine: "hotcoco" (fast) or "lvis" (lvis-api); they give the same numbers.
     """
-    from lvis import LVISEval, LVISResults
-
-    cat_ids = sorted(lvis_gt.get_cat_ids())
-    if not results:
+    if hasattr(gt, "dataset"):
+        gt = gt.dataset
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    try:
+        out = evaluate_lvis(gt, results, iou_type, engine, max_dets=max_dets, img_ids=image_ids)
+    except EmptyResultsError:
         return np.full(len(cat_ids), np.nan)
-    with lvis_numpy2_compat():
-        dt = LVISResults(lvis_gt, results, max_dets=max_dets)
-        ev = LVISEval(lvis_gt, dt, iou_type)
-        ev.params.img_ids = sorted(set(image_ids))
-        ev.evaluate()
-        ev.accumulate()
-    precision = ev.eval["precision"][:, :, :, 0]  # (T, R, K) for area "all"
-    valid = precision > -1
-    sums = np.where(valid, precision, 0.0).sum(axis=(0, 1))
-    n = valid.sum(axis=(0, 1))
-    ap = np.full(len(cat_ids), np.nan)
-    ap[n > 0] = sums[n > 0] / n[n > 0]
-    return ap
+    return out.per_category_ap / 100.0
 
 
 class PerCategoryAPEvaluator(DatasetEvaluator):
@@ -75,9 +66,7 @@ class PerCategoryAPEvaluator(DatasetEvaluator):
         if not comm.is_main_process():
             return {}
         if self._lvis is None:
-            from lvis import LVIS
-
-            self._lvis = LVIS(self._meta.json_file)
+            self._lvis = load_lvis_gt(self._meta.json_file)
         for r in results:
             r["category_id"] += 1  # contiguous -> LVIS ids (1..K)
         ap = per_category_ap(self._lvis, results, image_ids, "bbox", self._max_dets)

@@ -1,0 +1,437 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+Cumulative classification gradients of positive and negative samples per category, collected
+during training (Seesaw supplement, section 2 and Figure A1), behind FASA_SEESAW.GRAD_STATS.
+
+For category c, with z_rc the class-c logit of RoI r and y_r its label (C meaning background):
+
+    pos_c = sum over RoIs with y_r == c of |dL/dz_rc|
+    neg_c = sum over RoIs with y_r != c (other classes and background) of |dL/dz_rc|
+
+summed over all training steps and processes; the figure plots pos_c / neg_c. L is the total
+training loss, so loss weights and normalisation are included, and only the real RoIs of the
+batch count (FASA's virtual features have logits of their own and are left out).
+
+Only the C class logits are read, which are columns [0, C) in every score layout of this
+project: detectron2's softmax scores (C+1, background last), its sigmoid scores (C+1, the last
+column unused) and Seesaw's (C+2: C class logits trained by the Seesaw CE on foreground RoIs,
+then the [foreground, background] objectness pair). With Seesaw, background RoIs put no gradient
+on class logits (the objectness pair handles them), so its negatives come from other classes'
+RoIs only; that is how the loss is defined, and what the figure shows.
+"""
+
+import csv
+import functools
+import logging
+import numpy as np
+import os
+from typing import Callable, Dict, List, Optional
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import HookBase
+from detectron2.layers import cat
+from detectron2.utils import comm
+
+from ..errors import ConfigError
+
+__all__ = [
+    "GradientStatsHook",
+    "accumulate_class_gradients",
+    "build_grad_stats_hook",
+    "category_table",
+    "grad_ratio",
+    "read_grad_stats_csv",
+    "write_grad_stats_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = ("category_id", "name", "frequency", "train_images", "pos", "neg", "ratio")
+
+
+@torch.no_grad()
+def accumulate_class_gradients(
+    grad: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+) -> None:
+    """
+    Add one batch's positive and negative gradient magnitudes to ``pos`` and ``neg`` in place.
+
+    Args:
+        grad: (R, C) gradient of the loss on the C class logits.
+        labels: (R,) labels in [0, C], C meaning background.
+        pos, neg: (C,) accumulators (float64).
+
+    No host sync and no loop over classes: the labelled column of each row is gathered (rows of
+    background read a dummy column and are masked) and scattered with ``index_add_`` into C+1
+    slots, the last one for background and dropped; negatives are the column sums minus that.
+    """
+    C = pos.shape[0]
+    g = grad.detach().abs()
+    is_fg = labels < C
+    col = torch.where(is_fg, labels, torch.zeros_like(labels))
+    own = g.gather(1, col[:, None].long())[:, 0].to(pos.dtype) * is_fg.to(pos.dtype)
+    slot = torch.zeros(C + 1, dtype=pos.dtype, device=pos.device)
+    slot.index_add_(0, labels.long(), own)
+    total = g.sum(dim=0, dtype=pos.dtype)
+    pos += slot[:C]
+    neg += total - slot[:C]
+
+
+def grad_ratio(pos, neg) -> np.ndarray:
+    """pos / neg per class; NaN where a class received no negative gradient."""
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(neg > 0, pos / np.where(neg > 0, neg, 1.0), np.nan)
+
+
+def category_table(
+    dataset_name: str, num_classes: int, train_datasets: Optional[List[str]] = None
+) -> Dict[str, list]:
+    """
+    category_id, name, frequency and train_images (training images containing the class) per
+    contiguous class id, from the dataset's metadata: ``class_image_count`` (set by this
+    project's LVIS registration and detectron2's LVIS v1) gives ids and image counts without
+    loading the data; otherwise the images are counted in ``train_datasets``. ``thing_frequency``
+    gives r/c/f, else the LVIS thresholds are applied to the counts.
+    """
+    from ..data.counts import image_counts_of
+    from ..data.longtail_synth import lvis_frequency
+
+    meta = MetadataCatalog.get(dataset_name)
+    names = list(meta.get("thing_classes", None) or [])
+    if len(names) != num_classes:
+        logger.warning(
+            "'%s' has %d class names for %d classes; naming them by index",
+            dataset_name,
+            len(names),
+            num_classes,
+        )
+        names = [str(i) for i in range(num_classes)]
+    image_counts = meta.get("class_image_count", None)
+    if image_counts is not None and len(image_counts) == num_classes:
+        image_counts = sorted(image_counts, key=lambda c: c["id"])
+        ids = [int(c["id"]) for c in image_counts]
+        train_images = np.asarray([c["image_count"] for c in image_counts], dtype=np.int64)
+    else:
+        train_images = image_counts_of(tuple(train_datasets or [dataset_name]), num_classes)
+        id_map = meta.get("thing_dataset_id_to_contiguous_id", None) or {}
+        by_contiguous = {v: k for k, v in id_map.items()}
+        ids = [int(by_contiguous.get(i, i)) for i in range(num_classes)]
+    frequency = meta.get("thing_frequency", None)
+    if frequency is None or len(frequency) != num_classes:
+        frequency = lvis_frequency(train_images)
+    return {
+        "category_id": ids,
+        "name": names,
+        "frequency": [str(f) for f in frequency],
+        "train_images": [int(n) for n in train_images],
+    }
+
+
+def _index_table(num_classes: int) -> Dict[str, list]:
+    return {
+        "category_id": list(range(num_classes)),
+        "name": [str(i) for i in range(num_classes)],
+        "frequency": ["?"] * num_classes,
+        "train_images": [0] * num_classes,
+    }
+
+
+def write_grad_stats_csv(path: str, table: Dict[str, list], pos, neg) -> str:
+    """One row per category: the table's columns, pos, neg and their ratio (empty if NaN)."""
+    ratio = grad_ratio(pos, neg)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for i in range(len(ratio)):
+            w.writerow(
+                [
+                    table["category_id"][i],
+                    table["name"][i],
+                    table["frequency"][i],
+                    table["train_images"][i],
+                    repr(float(pos[i])),
+                    repr(float(neg[i])),
+                    "" if np.isnan(ratio[i]) else repr(float(ratio[i])),
+                ]
+            )
+    return path
+
+
+def read_grad_stats_csv(path: str) -> Dict[str, np.ndarray]:
+    """The columns of a grad_stats.csv as arrays (ratio recomputed from pos and neg)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    missing = [k for k in CSV_FIELDS if rows and k not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {missing}; is it a grad_stats.csv?")
+    out = {
+        "category_id": np.asarray([int(r["category_id"]) for r in rows], dtype=np.int64),
+        "name": np.asarray([r["name"] for r in rows], dtype=object),
+        "frequency": np.asarray([r["frequency"] for r in rows], dtype=object),
+        "train_images": np.asarray([int(r["train_images"]) for r in rows], dtype=np.int64),
+        "pos": np.asarray([float(r["pos"]) for r in rows], dtype=np.float64),
+        "neg": np.asarray([float(r["neg"]) for r in rows], dtype=np.float64),
+    }
+    out["ratio"] = grad_ratio(out["pos"], out["neg"])
+    return out
+
+
+def box_predictors(model) -> List[nn.Module]:
+    """The box predictors of a (possibly DDP-wrapped) R-CNN: one, or one per cascade stage."""
+    model = model.module if hasattr(model, "module") else model
+    heads = getattr(model, "roi_heads", None)
+    predictor = getattr(heads, "box_predictor", None)
+    if predictor is None:
+        raise ConfigError(
+            "FASA_SEESAW.GRAD_STATS needs a model with roi_heads.box_predictor (an R-CNN); "
+            f"{type(model).__name__} has none. Set FASA_SEESAW.GRAD_STATS.ENABLED False."
+        )
+    return list(predictor) if isinstance(predictor, nn.ModuleList) else [predictor]
+
+
+class GradientStatsHook(HookBase):
+    """
+    Accumulates per-class positive and negative gradients on the class logits of every box
+    predictor (every cascade stage), and at the end of training writes ``grad_stats.csv`` and
+    ``grad_ratio.png`` to ``output_dir`` (the sum over stages; with several stages also
+    ``grad_stats_stage{k}.csv``).
+
+    Each predictor's ``losses`` is wrapped for the run so that, in a training forward, a tensor
+    hook on its scores receives dL/dscores in the backward pass. The hook returns None, so
+    losses and gradients are unchanged; it reads nothing to the host. Nothing is collected under
+    no_grad or during FASA's validation pass (``val_collect`` set). With AMP, gradients are
+    divided by the GradScaler's current scale, and a step whose scaled gradients overflowed
+    (which the scaler skips) adds nothing.
+
+    Every process accumulates its own RoIs. Totals are summed over processes at the iterations
+    where the checkpointer saves (``sync_period``, and the last one) and at the end; the
+    checkpoint holds the summed totals (identical on every process), so a resumed run neither
+    loses nor double-counts. Stateful: put it before the checkpointer.
+    """
+
+    def __init__(
+        self,
+        output_dir: Optional[str] = None,
+        *,
+        category_info: Optional[Callable[[], Dict[str, list]]] = None,
+        label: str = "model",
+        sync_period: int = 0,
+    ):
+        """
+        Args:
+            output_dir: where the CSV and PNG go at the end of training; None writes nothing.
+            category_info: returns the table of :func:`category_table`; None names classes by
+                index.
+            label: the line's name in grad_ratio.png, e.g. "Seesaw" or "CE".
+            sync_period: the checkpoint period (SOLVER.CHECKPOINT_PERIOD); 0 syncs at the end
+                only.
+        """
+        self.output_dir = output_dir
+        self.category_info = category_info
+        self.label = label
+        self.sync_period = sync_period
+        self._predictors: List[nn.Module] = []
+        self._scaler = None
+        # (2, S, C) float64: [pos, neg] per stage, this process since the last sync ...
+        self._local: Optional[torch.Tensor] = None
+        # ... and summed over processes up to the last sync (the checkpointed state).
+        self._synced: Optional[torch.Tensor] = None
+        self._loaded: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ collection
+    def before_train(self):
+        self.attach(self.trainer.model)
+        inner = getattr(self.trainer, "_trainer", self.trainer)
+        scaler = getattr(inner, "grad_scaler", None)
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
+
+    def attach(self, model) -> None:
+        """Wrap the box predictors of ``model`` and allocate (or restore) the accumulators."""
+        self.detach()
+        self._predictors = box_predictors(model)
+        num_classes = {p.num_classes for p in self._predictors}
+        if len(num_classes) != 1:
+            raise ConfigError(f"box predictors disagree on the number of classes: {num_classes}")
+        C, S = num_classes.pop(), len(self._predictors)
+        device = next(self._predictors[0].parameters()).device
+        self._local = torch.zeros(2, S, C, dtype=torch.float64, device=device)
+        self._synced = torch.zeros_like(self._local)
+        if self._loaded is not None:
+            if tuple(self._loaded.shape) == (2, S, C):
+                self._synced.copy_(self._loaded)
+            else:
+                logger.warning(
+                    "Gradient statistics in the checkpoint have shape %s, the model needs %s; "
+                    "starting from zero",
+                    tuple(self._loaded.shape),
+                    (2, S, C),
+                )
+            self._loaded = None
+        for k, p in enumerate(self._predictors):
+            p.losses = self._wrap(k, p, p.losses)
+
+    def detach(self) -> None:
+        """Give the predictors their own ``losses`` back."""
+        for p in self._predictors:
+            p.__dict__.pop("losses", None)
+
+    def _wrap(self, k: int, predictor: nn.Module, losses: Callable) -> Callable:
+        @functools.wraps(losses)
+        def wrapped(predictions, proposals):
+            scores = predictions[0]
+            if (
+                predictor.training
+                and torch.is_grad_enabled()
+                and scores.requires_grad
+                and getattr(predictor, "val_collect", None) is None
+            ):
+                labels = (
+                    cat([p.gt_classes for p in proposals], dim=0)
+                    if len(proposals)
+                    else torch.empty(0, dtype=torch.long, device=scores.device)
+                )
+                scores.register_hook(functools.partial(self._on_grad, k, labels))
+            return losses(predictions, proposals)
+
+        return wrapped
+
+    def _on_grad(self, k: int, labels: torch.Tensor, grad: torch.Tensor) -> None:
+        C = self._local.shape[2]
+        g = grad[:, :C].detach()
+        scale = None if self._scaler is None else getattr(self._scaler, "_scale", None)
+        if scale is not None:
+            g = g.float() / scale.to(g.device, torch.float32)
+            g = torch.where(torch.isfinite(g).all(), g, torch.zeros_like(g))
+        accumulate_class_gradients(g, labels.to(g.device), self._local[0, k], self._local[1, k])
+        return None  # the gradient passes on unchanged
+
+    # ------------------------------------------------------------------ reduction
+    def after_step(self):
+        if self._local is None or comm.get_world_size() == 1:
+            return
+        it = self.trainer.iter + 1
+        if it == self.trainer.max_iter or (self.sync_period > 0 and it % self.sync_period == 0):
+            self._fold()
+
+    def _fold(self) -> None:
+        """Add every process's local sums to the synced totals (collective if distributed)."""
+        local = self._local.clone()
+        if comm.get_world_size() > 1:
+            dist.all_reduce(local)
+        self._synced += local
+        self._local.zero_()
+
+    def totals(self) -> np.ndarray:
+        """(2, S, C) [pos, neg] per stage over all processes so far. Collective if distributed."""
+        self._fold()
+        return self._synced.cpu().numpy()
+
+    # ------------------------------------------------------------------ output
+    def after_train(self):
+        try:
+            if self._local is None:
+                return
+            finished = self.trainer.iter >= self.trainer.max_iter
+            if comm.get_world_size() > 1 and not finished:
+                # Another process may have died: a collective could hang.
+                logger.warning("Training did not finish; gradient statistics are not written")
+                return
+            stats = self.totals()
+            if comm.is_main_process() and self.output_dir:
+                self.write(stats, self.output_dir)
+        finally:
+            self.detach()
+
+    def write(self, stats: np.ndarray, output_dir: str) -> List[str]:
+        """Write the CSV(s) and grad_ratio.png for (2, S, C) totals; returns the paths."""
+        from ..evaluation.figures import plot_grad_ratio  # matplotlib only when writing
+
+        S, C = stats.shape[1:]
+        table = self.category_info() if self.category_info is not None else _index_table(C)
+        os.makedirs(output_dir, exist_ok=True)
+        pos, neg = stats[0].sum(axis=0), stats[1].sum(axis=0)
+        paths = [write_grad_stats_csv(os.path.join(output_dir, "grad_stats.csv"), table, pos, neg)]
+        series = {self.label: grad_ratio(pos, neg)}
+        if S > 1:
+            series = {f"{self.label}, all stages": series[self.label]}
+            for k in range(S):
+                path = os.path.join(output_dir, f"grad_stats_stage{k}.csv")
+                paths.append(write_grad_stats_csv(path, table, stats[0, k], stats[1, k]))
+                series[f"{self.label}, stage {k}"] = grad_ratio(stats[0, k], stats[1, k])
+        png = os.path.join(output_dir, "grad_ratio.png")
+        paths.append(
+            plot_grad_ratio(
+                series,
+                table["train_images"],
+                table["frequency"],
+                png,
+                title="Cumulative positive / negative classification gradient per category",
+                names=table["name"],
+            )
+        )
+        ratio = grad_ratio(pos, neg)
+        freq = np.asarray(table["frequency"])
+        summary = ", ".join(
+            f"{f} {np.nanmedian(ratio[freq == f]):.3g}"
+            for f in ("f", "c", "r")
+            if np.isfinite(ratio[freq == f]).any()
+        )
+        logger.info("Gradient pos/neg ratio, median per group: %s; wrote %s", summary, paths)
+        return paths
+
+    # ------------------------------------------------------------------ checkpoint
+    # Checkpoints are read with torch.load(weights_only=True): tensors only.
+    def state_dict(self):
+        if self._synced is None:
+            return {} if self._loaded is None else {"stats": self._loaded.clone()}
+        if comm.get_world_size() == 1:
+            self._fold()  # no collective needed; otherwise after_step synced at this iteration
+        return {"stats": self._synced.cpu().clone()}
+
+    def load_state_dict(self, state):
+        stats = state["stats"].to(torch.float64)
+        if self._synced is None:
+            self._loaded = stats.clone()  # applied when attach() knows the model
+        elif stats.shape == self._synced.shape:
+            self._synced.copy_(stats)
+            self._local.zero_()
+        else:
+            logger.warning(
+                "Gradient statistics of shape %s do not fit this model's %s; ignored",
+                tuple(stats.shape),
+                tuple(self._synced.shape),
+            )
+
+
+def _loss_label(cfg) -> str:
+    head = cfg.MODEL.ROI_HEADS.NAME
+    box = cfg.MODEL.ROI_BOX_HEAD
+    if "Seesaw" in head:
+        label = "Seesaw"
+    elif box.USE_FED_LOSS:
+        label = "federated"
+    elif box.USE_SIGMOID_CE:
+        label = "sigmoid CE"
+    else:
+        label = "CE"
+    return label + (" + FASA" if cfg.MODEL.FASA.ENABLED else "")
+
+
+def build_grad_stats_hook(cfg) -> Optional[GradientStatsHook]:
+    """The hook if FASA_SEESAW.GRAD_STATS.ENABLED, else None."""
+    if not cfg.FASA_SEESAW.GRAD_STATS.ENABLED:
+        return None
+    train = tuple(cfg.DATASETS.TRAIN)
+    return GradientStatsHook(
+        cfg.OUTPUT_DIR,
+        category_info=functools.partial(
+            category_table, train[0], cfg.MODEL.ROI_HEADS.NUM_CLASSES, train
+        ),
+        label=_loss_label(cfg),
+        sync_period=cfg.SOLVER.CHECKPOINT_PERIOD,
+    )

@@ -1,0 +1,171 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+Everything a long-tail paper reports, from one results list: LVIS AP (all the standard keys),
+AP-Fixed, AP-Pool, TIDE errors and per-category AP, written as json, CSV and PNG next to each
+other. Used by ``train_net.py``'s evaluator and by ``tools/evaluate_lvis.py``.
+"""
+
+import csv
+import json
+import logging
+import math
+import os
+from collections import OrderedDict, defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from .fixed_pool import ap_fixed, ap_pool
+from .lvis_engines import EvaluationInputError, evaluate_lvis, load_lvis_gt, prepare_results
+from .tide import tide_errors
+
+__all__ = [
+    "EXTRAS",
+    "training_image_counts",
+    "write_per_category_csv",
+    "evaluate_report",
+    "format_table",
+]
+
+logger = logging.getLogger(__name__)
+
+EXTRAS = ("fixed", "pool", "tide")
+
+
+def training_image_counts(gt: dict, train_json: Optional[str] = None) -> Dict[int, Optional[int]]:
+    """
+    Number of training images per category id: counted from ``train_json``'s annotations when
+    given, else the categories' ``image_count`` field (LVIS jsons carry the training count
+    there), else None.
+    """
+    if train_json:
+        with open(train_json, encoding="utf-8") as f:
+            train = json.load(f)
+        imgs = defaultdict(set)
+        for a in train.get("annotations", []):
+            imgs[a["category_id"]].add(a["image_id"])
+        return {c["id"]: len(imgs.get(c["id"], ())) for c in gt["categories"]}
+    return {c["id"]: c.get("image_count") for c in gt["categories"]}
+
+
+def write_per_category_csv(path, gt: dict, cat_ids, ap, train_images: Dict[int, Optional[int]]):
+    """One row per category: id, name, frequency, training images, AP (percent; empty = no GT)."""
+    cats = {c["id"]: c for c in gt["categories"]}
+    rows = []
+    for cid, v in zip(cat_ids, ap):
+        c = cats[cid]
+        rows.append(
+            {
+                "category_id": cid,
+                "name": c.get("name", str(cid)),
+                "frequency": c.get("frequency", ""),
+                "train_images": train_images.get(cid),
+                "ap": None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v),
+            }
+        )
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["category_id"])
+        w.writeheader()
+        for r in rows:
+            w.writerow(
+                {k: ("" if v is None else (f"{v:.4f}" if k == "ap" else v)) for k, v in r.items()}
+            )
+    return rows
+
+
+def _unique_path(path: str) -> str:
+    """``path`` if free, else ``path`` with .1, .2, ... before the extension (never overwrite)."""
+    if not os.path.exists(path):
+        return path
+    root, ext = os.path.splitext(path)
+    i = 1
+    while os.path.exists(f"{root}.{i}{ext}"):
+        i += 1
+    return f"{root}.{i}{ext}"
+
+
+def evaluate_report(
+    gt,
+    results: List[dict],
+    iou_types: Sequence[str] = ("bbox", "segm"),
+    engine: str = "hotcoco",
+    max_dets: int = 300,
+    extras: Iterable[str] = EXTRAS,
+    fixed_k: int = 10000,
+    out_dir: Optional[str] = None,
+    train_json: Optional[str] = None,
+    figures: bool = True,
+    img_ids: Optional[Sequence[int]] = None,
+    prefix: str = "",
+) -> "OrderedDict[str, Dict[str, float]]":
+    """
+    Evaluate ``results`` for each iou type and return {iou_type: {metric: value}} (percent),
+    detectron2's evaluator layout. With ``out_dir``: ``<prefix>lvis_metrics.json``,
+    ``<prefix>per_category_ap_<iou>.csv`` and ``<prefix>per_category_ap_<iou>.png``; existing
+    files are kept and the new ones get a numbered name.
+
+    Raises:
+        EvaluationInputError / EmptyResultsError for unusable inputs (see
+        :func:`~fasa_seesaw.evaluation.lvis_engines.prepare_results`).
+    """
+    extras = tuple(extras)
+    bad = [e for e in extras if e not in EXTRAS]
+    if bad:
+        raise EvaluationInputError(f"unknown extra metric(s) {bad}; choose from {EXTRAS}.")
+    gt = load_lvis_gt(gt)
+    train_images = training_image_counts(gt, train_json)
+    out = OrderedDict()
+    tables = {}
+    for iou_type in iou_types:
+        prepared = prepare_results(gt, results, iou_type, img_ids)
+        std = evaluate_lvis(
+            gt, prepared, iou_type, engine, max_dets=max_dets, img_ids=img_ids, prepared=True
+        )
+        m = OrderedDict(std.metrics)
+        if "fixed" in extras:
+            m.update(ap_fixed(gt, prepared, iou_type, fixed_k, engine, img_ids))
+        if "pool" in extras:
+            m.update(ap_pool(gt, prepared, iou_type, fixed_k, engine, img_ids))
+        if "tide" in extras:
+            m.update(tide_errors(gt, prepared, iou_type, max_dets, img_ids, prepared=True))
+        out[iou_type] = m
+        tables[iou_type] = (std.cat_ids, std.per_category_ap)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        path = _unique_path(os.path.join(out_dir, f"{prefix}lvis_metrics.json"))
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    k: {
+                        m: (None if isinstance(v, float) and math.isnan(v) else v)
+                        for m, v in d.items()
+                    }
+                    for k, d in out.items()
+                },
+                f,
+                indent=2,
+            )
+        for iou_type, (cat_ids, ap) in tables.items():
+            csv_path = _unique_path(
+                os.path.join(out_dir, f"{prefix}per_category_ap_{iou_type}.csv")
+            )
+            rows = write_per_category_csv(csv_path, gt, cat_ids, ap, train_images)
+            if figures and rows and all(r["train_images"] is not None for r in rows):
+                from .figures import plot_per_category_ap
+
+                png = _unique_path(os.path.join(out_dir, f"{prefix}per_category_ap_{iou_type}.png"))
+                plot_per_category_ap(
+                    [dict(r, ap=float("nan") if r["ap"] is None else r["ap"]) for r in rows],
+                    png,
+                    title=f"{iou_type} AP per category, sorted by training images",
+                )
+        logger.info(f"LVIS evaluation written to {out_dir}")
+    return out
+
+
+def format_table(results: Dict[str, Dict[str, float]]) -> str:
+    """A compact text table (one line per iou type) of the headline metrics."""
+    keys = ["AP", "AP50", "AP75", "APr", "APc", "APf", "AP-Fixed", "AP-Pool", "TIDE-AP50"]
+    lines = []
+    for iou_type, m in results.items():
+        cells = [f"{k} {m[k]:6.2f}" for k in keys if k in m]
+        lines.append(f"  {iou_type:5s} " + "  ".join(cells))
+    return "\n".join(lines)
