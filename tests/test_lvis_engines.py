@@ -476,6 +476,19 @@ class TestPerCategoryCsv(unittest.TestCase):
                 self.assertAlmostEqual(float(r["ap"]), ap, places=3)
         self.assertAlmostEqual(res["bbox"]["AP"], ref.metrics["AP"])
 
+    def test_figure_file_and_tensorboard_image(self):
+        from detectron2.utils.events import EventStorage
+
+        gt, dets = make_case(9, num_images=5, big_image_dets=5)
+        for c in gt["categories"]:
+            c["image_count"] = c["id"] * 3  # training image counts carried by the json
+        with tempfile.TemporaryDirectory() as d, EventStorage(0) as storage:
+            evaluate_report(gt, dets, ("bbox",), extras=(), out_dir=d)
+            self.assertTrue(os.path.getsize(os.path.join(d, "per_category_ap_bbox.png")) > 0)
+            names = [name for name, _, _ in storage._vis_data]
+            self.assertEqual(names, ["per_category_ap/bbox"])
+            self.assertEqual(storage._vis_data[0][1].shape[0], 3)
+
 
 if __name__ == "__main__":
     unittest.main()

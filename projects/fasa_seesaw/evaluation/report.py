@@ -82,6 +82,24 @@ def _unique_path(path: str) -> str:
     return f"{root}.{i}{ext}"
 
 
+def _per_category_figure(rows, png, iou_type):
+    """The per-category AP PNG; during training also a TensorBoard image."""
+    from .figures import figure_to_chw_uint8, per_category_ap_figure, plot_per_category_ap
+
+    rows = [dict(r, ap=float("nan") if r["ap"] is None else r["ap"]) for r in rows]
+    title = f"{iou_type} AP per category, sorted by training images"
+    plot_per_category_ap(rows, png, title=title)
+    try:
+        from detectron2.utils.events import get_event_storage
+
+        storage = get_event_storage()
+    except AssertionError:  # not inside training (eval-only, the command line)
+        return
+    storage.put_image(
+        f"per_category_ap/{iou_type}", figure_to_chw_uint8(per_category_ap_figure(rows, title))
+    )
+
+
 def evaluate_report(
     gt,
     results: List[dict],
@@ -149,14 +167,8 @@ def evaluate_report(
             )
             rows = write_per_category_csv(csv_path, gt, cat_ids, ap, train_images)
             if figures and rows and all(r["train_images"] is not None for r in rows):
-                from .figures import plot_per_category_ap
-
                 png = _unique_path(os.path.join(out_dir, f"{prefix}per_category_ap_{iou_type}.png"))
-                plot_per_category_ap(
-                    [dict(r, ap=float("nan") if r["ap"] is None else r["ap"]) for r in rows],
-                    png,
-                    title=f"{iou_type} AP per category, sorted by training images",
-                )
+                _per_category_figure(rows, png, iou_type)
         logger.info(f"LVIS evaluation written to {out_dir}")
     return out
 
