@@ -24,6 +24,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from fasa_seesaw.engine import grad_stats
+from fasa_seesaw.engine.fasa_hook import FASAAdaptationHook
 from fasa_seesaw.engine.grad_stats import (
     GradientStatsHook,
     category_table,
@@ -33,6 +34,7 @@ from fasa_seesaw.engine.grad_stats import (
 from fasa_seesaw.evaluation import figures
 from fasa_seesaw.modeling import SeesawFastRCNNOutputLayers
 from fasa_seesaw.modeling.fasa_fast_rcnn import FASAFastRCNNOutputLayers
+from fasa_seesaw.modeling.fasa_feature_bank import ClassFeatureBank
 
 C, D = 5, 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -443,6 +445,126 @@ class TestPlotGradRatioTool(unittest.TestCase):
             self.assertTrue(np.isnan(read_grad_stats_csv(paths[0])["ratio"][2]))
             with self.assertRaises(SystemExit):
                 tool.main(paths[:1])
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def fake_fasa_checkpoint(path, num_stages, groups=None, passes=0, iteration=99):
+    """
+    A DetectionCheckpointer-format dict as training writes it: real ClassFeatureBank buffers
+    under each predictor's prefix (a cascade has one per stage) and the trainer state, whose
+    hooks hold FASAAdaptationHook.state_dict() under its qualname (TrainerBase.state_dict).
+    Returns the banks' (mean, count) per stage.
+    """
+    model, banks = {"backbone.weight": torch.zeros(2)}, []
+    for k in range(num_stages):
+        prefix = "roi_heads.box_predictor." + (f"{k}." if num_stages > 1 else "")
+        bank = ClassFeatureBank(C, D)
+        g = torch.Generator().manual_seed(k)
+        labels = torch.tensor([0, 0, 1, 2, 3, C, C])  # class 4 unseen; C is background
+        bank.update(torch.randn(len(labels), D, generator=g) + k, labels)
+        model[prefix + "cls_score.weight"] = torch.zeros(C + 1, D)
+        model.update({prefix + "fasa_bank." + n: t for n, t in bank.state_dict().items()})
+        banks.append((bank.mean.numpy().copy(), bank.count.numpy().copy()))
+    hook = FASAAdaptationHook(None, "unused", 0)
+    hook.passes, hook.groups = passes, groups
+    trainer = {"iteration": iteration, "hooks": {type(hook).__qualname__: hook.state_dict()}}
+    torch.save({"model": model, "trainer": trainer, "iteration": iteration}, path)
+    return banks
+
+
+class TestPlotFiguresTool(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tool = load_tool("plot_figures")
+
+    def setUp(self):
+        self._dir = tempfile.TemporaryDirectory()
+        self.dir = self._dir.name
+
+    def tearDown(self):
+        self._dir.cleanup()
+
+    def test_reads_bank_and_groups_of_a_cascade_stage(self):
+        path = os.path.join(self.dir, "model_final.pth")
+        groups = [np.arange(C) % 2, np.zeros(C, dtype=np.int64), np.array([0, 1, 1, 2, 3])]
+        banks = fake_fasa_checkpoint(path, 3, groups=groups, passes=4, iteration=399)
+        for stage, k in ((-1, 2), (0, 0), (1, 1)):
+            out = self.tool.load_fasa_bank(path, stage)
+            self.assertEqual((out["stage"], out["num_stages"]), (k, 3))
+            self.assertEqual(out["prefix"], f"roi_heads.box_predictor.{k}.")
+            np.testing.assert_array_equal(out["mean"], banks[k][0])
+            np.testing.assert_array_equal(out["count"], banks[k][1])
+            np.testing.assert_array_equal(out["groups"], groups[k])
+            self.assertEqual(out["mean"].shape, (C, D))
+        self.assertEqual(out["seen"].tolist(), [True, True, True, True, False])
+        self.assertEqual((out["passes"], out["iteration"]), (4, 399))
+        with self.assertRaisesRegex(self.tool.ToolError, "stages 0..2"):
+            self.tool.load_fasa_bank(path, 3)
+
+    def test_no_adaptation_pass_yet(self):
+        path = os.path.join(self.dir, "model_0000019.pth")
+        banks = fake_fasa_checkpoint(path, 1, groups=None, iteration=19)
+        out = self.tool.load_fasa_bank(path)
+        self.assertIsNone(out["groups"])
+        self.assertEqual((out["passes"], out["iteration"], out["stage"]), (0, 19, 0))
+        self.assertEqual(out["prefix"], "roi_heads.box_predictor.")
+        np.testing.assert_array_equal(out["mean"], banks[0][0])
+        freq = self.tool.frequency_groups(["f", "r", "c", "r", "?"])
+        self.assertEqual(freq.tolist(), [0, 2, 1, 2, 3])
+
+    def test_clear_errors(self):
+        path = os.path.join(self.dir, "ce.pth")
+        torch.save({"model": {"roi_heads.box_predictor.cls_score.weight": torch.zeros(2)}}, path)
+        with self.assertRaisesRegex(self.tool.ToolError, "MODEL.FASA.ENABLED True"):
+            self.tool.load_fasa_bank(path)
+        cfg = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_R_18_FPN_fasa_quickstart.yaml")
+        missing = os.path.join(self.dir, "nothing.pth")
+        for weights, message in ((path, "no FASA feature bank"), (missing, "does not exist")):
+            with self.assertRaises(SystemExit) as e:
+                self.tool.main(["tsne", "--config-file", cfg, "--weights", weights])
+            self.assertTrue(str(e.exception.code).startswith("error: "))
+            self.assertIn(message, str(e.exception.code))
+            self.assertNotIn("\n", str(e.exception.code))
+
+    def test_rare_image_choice_is_deterministic(self):
+        freq = ["f", "r", "c", "r"]
+
+        def image(image_id, cats):
+            return {"image_id": image_id, "annotations": [{"category_id": c} for c in cats]}
+
+        dicts = [
+            image(7, [0, 1, 1]),  # 2 rare instances, 1 rare class
+            image(3, [0, 0, 2]),  # none
+            image(12, [1, 3]),  # 2 rare instances, 2 rare classes
+            image(5, [3, 3, 3, 0]),  # 3
+            image(2, [1, 1]),  # as image 7
+        ]
+        ids = [d["image_id"] for d in self.tool.choose_rare_images(dicts, freq, 10)]
+        self.assertEqual(ids, [5, 12, 2, 7])  # image 3 has no rare instance
+        for order in (dicts[::-1], dicts[2:] + dicts[:2]):
+            chosen = self.tool.choose_rare_images(order, freq, 3)
+            self.assertEqual([d["image_id"] for d in chosen], [5, 12, 2])
+        self.assertEqual(self.tool.rare_instance_counts(dicts, freq), [2, 0, 2, 3, 2])
+        self.assertEqual(self.tool.choose_rare_images(dicts, ["f"] * 4, 4), [])
+        chosen = self.tool.select_images(dicts, ["3", "7"])
+        self.assertEqual([d["image_id"] for d in chosen], [3, 7])
+        with self.assertRaisesRegex(self.tool.ToolError, "99"):
+            self.tool.select_images(dicts, ["99"])
+
+    def test_unique_path_never_overwrites(self):
+        path = os.path.join(self.dir, "side_by_side_7.png")
+        self.assertEqual(self.tool.unique_path(path), path)
+        for k in ("", ".1"):
+            open(os.path.join(self.dir, f"side_by_side_7{k}.png"), "w").close()
+        self.assertEqual(
+            self.tool.unique_path(path), os.path.join(self.dir, "side_by_side_7.2.png")
+        )
 
 
 if __name__ == "__main__":
