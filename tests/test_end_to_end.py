@@ -137,7 +137,7 @@ class TestEndToEnd(unittest.TestCase):
         self.assertGreater(len(everything), len(expected))  # the cap did something
         self.assertEqual(sorted(map(key, got)), sorted(map(key, expected)))
         metrics = load(out_topk, "lvis_metrics.json")
-        for name in ("AP-Fixed", "APr-Fixed", "AP-Pool", "AP-Pool-r", "TIDE-Cls", "TIDE-Miss"):
+        for name in ("AP_fixed", "APr_fixed", "AP_pool", "AP_pool_r", "TIDE_Cls", "TIDE_Miss"):
             self.assertIn(name, metrics["segm"])
         csv_text = load(out_topk, "per_category_ap_bbox.csv")
         self.assertEqual(csv_text.splitlines()[0], "category_id,name,frequency,train_images,ap")

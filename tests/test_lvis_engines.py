@@ -298,13 +298,13 @@ class TestFixedAndPool(unittest.TestCase):
             # AP-Fixed, no per-image cap: a = [FP, TP] -> precision 1/2 at recall 1 -> 0.5;
             # b = 1.0; mean 0.75
             m = ap_fixed(gt, dets, "bbox", k=10, engine=engine)
-            self.assertAlmostEqual(m["AP-Fixed"], 75.0, places=6)
-            self.assertAlmostEqual(m["APf-Fixed"], 50.0, places=6)
-            self.assertAlmostEqual(m["APr-Fixed"], 100.0, places=6)
+            self.assertAlmostEqual(m["AP_fixed"], 75.0, places=6)
+            self.assertAlmostEqual(m["APf_fixed"], 50.0, places=6)
+            self.assertAlmostEqual(m["APr_fixed"], 100.0, places=6)
             self.assertEqual(m["classes_below_K"], 2)
             # K = 1: class a keeps only its best-scoring detection (the FP) -> 0; b stays 1.0
             m1 = ap_fixed(gt, dets, "bbox", k=1, engine=engine)
-            self.assertAlmostEqual(m1["AP-Fixed"], 50.0, places=6)
+            self.assertAlmostEqual(m1["AP_fixed"], 50.0, places=6)
 
     def test_ap_pool_ranks_all_classes_together(self):
         gt, box_a, box_b = _gt_two_classes()
@@ -324,10 +324,10 @@ class TestFixedAndPool(unittest.TestCase):
         expected_all = (51 * 1.0 + 50 * (2 / 3)) / 101 * 100
         for engine in ("hotcoco", "lvis"):
             m = ap_pool(gt, dets, "bbox", k=10, engine=engine)
-            self.assertAlmostEqual(m["AP-Pool"], expected_all, places=6)
-            self.assertAlmostEqual(m["AP-Pool-r"], 50.0, places=6)  # b alone: FP then TP
-            self.assertAlmostEqual(m["AP-Pool-f"], 100.0, places=6)
-            self.assertTrue(np.isnan(m["AP-Pool-c"]))  # no GT in the pool
+            self.assertAlmostEqual(m["AP_pool"], expected_all, places=6)
+            self.assertAlmostEqual(m["AP_pool_r"], 50.0, places=6)  # b alone: FP then TP
+            self.assertAlmostEqual(m["AP_pool_f"], 100.0, places=6)
+            self.assertTrue(np.isnan(m["AP_pool_c"]))  # no GT in the pool
             # standard AP of the same detections: mean of 1.0 and 0.5
             self.assertAlmostEqual(evaluate_lvis(gt, dets, "bbox", engine).metrics["AP"], 75.0)
 
@@ -335,7 +335,7 @@ class TestFixedAndPool(unittest.TestCase):
         gt, dets = make_case(6, ties=False)
         for c in gt["categories"]:
             c["frequency"] = "r" if c["id"] == 3 else "f"
-        pooled = ap_pool(gt, dets, "bbox", k=10**6)["AP-Pool-r"]
+        pooled = ap_pool(gt, dets, "bbox", k=10**6)["AP_pool_r"]
         std = evaluate_lvis(gt, dets, "bbox", max_dets=-1, area_rng=[[0, 1e10]])
         self.assertAlmostEqual(pooled, std.per_category_ap[2], places=6)
 
@@ -373,9 +373,9 @@ class TestTide(unittest.TestCase):
         gt, dets = make_case(7)
         ref, _, _ = reference_lvis_api(gt, dets, "bbox")
         t = tide_errors(gt, dets, "bbox")
-        self.assertAlmostEqual(t["TIDE-AP50"], ref["AP50"], places=9)
+        self.assertAlmostEqual(t["TIDE_AP50"], ref["AP50"], places=9)
         for k in ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"):
-            self.assertGreaterEqual(t[f"TIDE-{k}"], 0.0)
+            self.assertGreaterEqual(t[f"TIDE_{k}"], 0.0)
 
     def test_a_confusion_is_a_class_error(self):
         gt, box_a, box_b = _gt_two_classes()
@@ -385,9 +385,9 @@ class TestTide(unittest.TestCase):
             {"image_id": 2, "category_id": 2, "bbox": box_b, "score": 0.8},  # TP
         ]
         t = tide_errors(gt, dets, "bbox")
-        self.assertEqual(t["TIDE-count-Cls"], 1)
-        self.assertEqual(t["TIDE-count-Bkg"], 0)
-        self.assertGreater(t["TIDE-Cls"], 0)
+        self.assertEqual(t["TIDE_count_Cls"], 1)
+        self.assertEqual(t["TIDE_count_Bkg"], 0)
+        self.assertGreater(t["TIDE_Cls"], 0)
 
 
 class TestBadInput(unittest.TestCase):
@@ -442,7 +442,7 @@ class TestBadInput(unittest.TestCase):
                 metrics = json.load(f)
             ref, _, _ = reference_lvis_api(self.gt, self.dets, "segm")
             self.assertAlmostEqual(metrics["segm"]["AP"], ref["AP"], places=6)
-            for key in ("AP-Fixed", "AP-Pool", "TIDE-Cls", "APr"):
+            for key in ("AP_fixed", "AP_pool", "TIDE_Cls", "APr"):
                 self.assertIn(key, metrics["bbox"])
             # a second run keeps the first run's files
             p = subprocess.run(cmd + [res_path, "--out", out], capture_output=True, text=True)

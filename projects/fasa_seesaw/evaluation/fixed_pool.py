@@ -96,9 +96,7 @@ def ap_fixed(
     """AP-Fixed: top ``k`` per class over the dataset, no per-image cap, standard LVIS AP."""
     gt, capped, short = _prepared_top_k(gt, results, iou_type, k, img_ids)
     out = evaluate_lvis(gt, capped, iou_type, engine, max_dets=-1, img_ids=img_ids, prepared=True)
-    metrics = {
-        ("AP-Fixed" if key == "AP" else f"{key}-Fixed"): out.metrics[key] for key in METRIC_KEYS
-    }
+    metrics = {f"{key}_fixed": out.metrics[key] for key in METRIC_KEYS}
     metrics["classes_below_K"] = len(short)
     return metrics
 
@@ -178,10 +176,10 @@ def ap_pool(
     )
     freq = {c["id"]: c["frequency"] for c in gt["categories"]}
     pools = {
-        "AP-Pool": out.cat_ids,
-        "AP-Pool-r": [c for c in out.cat_ids if freq[c] == "r"],
-        "AP-Pool-c": [c for c in out.cat_ids if freq[c] == "c"],
-        "AP-Pool-f": [c for c in out.cat_ids if freq[c] == "f"],
+        "AP_pool": out.cat_ids,
+        "AP_pool_r": [c for c in out.cat_ids if freq[c] == "r"],
+        "AP_pool_c": [c for c in out.cat_ids if freq[c] == "c"],
+        "AP_pool_f": [c for c in out.cat_ids if freq[c] == "f"],
     }
     metrics = {}
     for name, cats in pools.items():

@@ -175,7 +175,7 @@ def evaluate_report(
 
 def format_table(results: Dict[str, Dict[str, float]]) -> str:
     """A compact text table (one line per iou type) of the headline metrics."""
-    keys = ["AP", "AP50", "AP75", "APr", "APc", "APf", "AP-Fixed", "AP-Pool", "TIDE-AP50"]
+    keys = ["AP", "AP50", "AP75", "APr", "APc", "APf", "AP_fixed", "AP_pool", "TIDE_AP50"]
     lines = []
     for iou_type, m in results.items():
         cells = [f"{k} {m[k]:6.2f}" for k in keys if k in m]

@@ -36,8 +36,8 @@ def tide_errors(
     prepared: bool = False,
 ) -> dict:
     """
-    Returns {"TIDE-AP50": baseline AP50, "TIDE-Cls": dAP50, ..., "TIDE-Miss": dAP50,
-    "TIDE-count-Cls": number of such errors, ...}; percent.
+    Returns {"TIDE_AP50": baseline AP50, "TIDE_Cls": dAP50, ..., "TIDE_Miss": dAP50,
+    "TIDE_count_Cls": number of such errors, ...}; percent.
     """
     import hotcoco
 
@@ -54,9 +54,9 @@ def tide_errors(
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
         t = ev.tide_errors(pos_thr=pos_thr, bg_thr=bg_thr)
-    out = {"TIDE-AP50": float(t["ap_base"]) * 100.0}
+    out = {"TIDE_AP50": float(t["ap_base"]) * 100.0}
     for k in TIDE_ERRORS:
-        out[f"TIDE-{k}"] = float(t["delta_ap"][k]) * 100.0
+        out[f"TIDE_{k}"] = float(t["delta_ap"][k]) * 100.0
     for k in TIDE_ERRORS:
-        out[f"TIDE-count-{k}"] = int(t["counts"][k])
+        out[f"TIDE_count_{k}"] = int(t["counts"][k])
     return out
