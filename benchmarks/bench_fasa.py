@@ -1342,7 +1342,10 @@ def main(argv=None):
             **results,
         }
         with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+            # numpy scalars (np.bool_, np.float64 ...) as plain Python values
+            json.dump(
+                out, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)
+            )
         print(f"\nwrote {args.json}")
     return 0
 
