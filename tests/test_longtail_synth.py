@@ -3,6 +3,7 @@
 
 import collections
 import dataclasses
+import hashlib
 import json
 import numpy as np
 import os
@@ -20,6 +21,7 @@ from fasa_seesaw.data.longtail_synth import (
     ensure_generated,
     generate,
     spec_categories,
+    spec_splits,
 )
 
 # The smoke spec is small enough for unit tests (and is what the end-to-end test trains on).
@@ -257,13 +259,109 @@ def test_spec_hash_tracks_fields_and_version(monkeypatch):
 def test_invalid_spec_is_rejected():
     with pytest.raises(ValueError, match="frequent"):
         dataclasses.replace(TINY, num_train_images=60)
+    with pytest.raises(ValueError, match="num_test_images"):
+        dataclasses.replace(TINY, num_test_images=-1)
+    with pytest.raises(ValueError, match="num_test_images"):
+        dataclasses.replace(TINY, num_test_images=TINY.val_min_images_per_class - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The test split
+# ---------------------------------------------------------------------------------------------
+
+TINY_WITH_TEST = dataclasses.replace(TINY, num_test_images=20)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_test(tmp_path_factory):
+    paths = generate(TINY_WITH_TEST, str(tmp_path_factory.mktemp("synth_test")))
+    return paths, {split: _load(paths[f"{split}_json"]) for split in ("train", "val", "test")}
+
+
+def test_test_split_only_when_asked():
+    assert spec_splits(TINY) == ("train", "val")
+    assert spec_splits(TINY_WITH_TEST) == ("train", "val", "test")
+    assert spec_splits(STUDY) == ("train", "val", "test") and STUDY.num_test_images > 0
+    assert "test_json" not in longtail_synth.dataset_paths(TINY, "/x")
+
+
+def test_test_split_leaves_train_and_val_unchanged(tiny, tiny_with_test):
+    paths, train, val = tiny
+    paths_t, data = tiny_with_test
+    # Train and val draw from their own RNG streams: identical content; only the spec hash in
+    # "info" differs (a spec with a test split is another dataset).
+    for split, old in (("train", train), ("val", val)):
+        new = data[split]
+        for key in ("images", "annotations", "categories"):
+            assert new[key] == old[key], (split, key)
+        assert new["info"]["spec_hash"] == TINY_WITH_TEST.spec_hash() != old["info"]["spec_hash"]
+    for split in ("train", "val"):
+        for name in ("000001.png", "000012.png"):
+            with open(os.path.join(paths[f"{split}_image_root"], name), "rb") as a:
+                with open(os.path.join(paths_t[f"{split}_image_root"], name), "rb") as b:
+                    assert a.read() == b.read()
+
+
+def test_test_split_is_drawn_like_val(tiny_with_test):
+    paths, data = tiny_with_test
+    test, val = data["test"], data["val"]
+    assert test["info"]["split"] == "test"
+    assert len(test["images"]) == TINY_WITH_TEST.num_test_images
+    assert test["categories"] == data["train"]["categories"]  # train statistics, as val
+    with open(os.path.join(paths["test_image_root"], "000001.png"), "rb") as a:
+        with open(os.path.join(paths["val_image_root"], "000001.png"), "rb") as b:
+            assert a.read() != b.read()  # its own stream, not a copy of val
+    images = collections.defaultdict(set)
+    for ann in test["annotations"]:
+        images[ann["category_id"]].add(ann["image_id"])
+    for cat in test["categories"]:  # every class measurable, as on val
+        assert len(images[cat["id"]]) >= TINY_WITH_TEST.val_min_images_per_class
+    # Same target rule as val: sqrt(train count), at the same density.
+    per_image = len({(a["image_id"], a["category_id"]) for a in test["annotations"]})
+    per_image_val = len({(a["image_id"], a["category_id"]) for a in val["annotations"]})
+    assert per_image / len(test["images"]) == pytest.approx(
+        per_image_val / len(val["images"]), rel=0.25
+    )
+    assert all(
+        os.path.isfile(os.path.join(paths["test_image_root"], img["file_name"]))
+        for img in test["images"]
+    )
+    assert validate_lvis_json(test)
+
+
+def test_spec_hash_without_test_split_is_unchanged():
+    # Specs without a test split keep the cache key they had before num_test_images existed,
+    # so already generated quickstart/smoke data stays valid.
+    for spec in (QUICKSTART, TINY):
+        fields = {k: v for k, v in spec.to_dict().items() if k != "num_test_images"}
+        payload = {"generator_version": longtail_synth.GENERATOR_VERSION, "spec": fields}
+        old = hashlib.sha1(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+        assert spec.spec_hash() == old
+    assert TINY_WITH_TEST.spec_hash() != TINY.spec_hash()
+
+
+def test_cached_copy_without_test_split_is_regenerated(tmp_path):
+    small = dataclasses.replace(TINY, num_train_images=110, num_val_images=12)
+    paths = ensure_generated(small, str(tmp_path))
+    assert not os.path.exists(os.path.join(paths["root"], "lvis_v1_format_test.json"))
+    with_test = dataclasses.replace(small, num_test_images=12)
+    new_paths = ensure_generated(with_test, str(tmp_path))
+    assert os.path.isfile(new_paths["test_json"])
+    assert _load(new_paths["spec_json"])["spec_hash"] == with_test.spec_hash()
+    stale = os.path.join(str(tmp_path), f"{small.name}.stale-{small.spec_hash()[:12]}")
+    assert os.path.isdir(stale)
+    # A folder with the right hash but a missing split is not taken as complete either.
+    os.remove(new_paths["test_json"])
+    ensure_generated(with_test, str(tmp_path))
+    assert os.path.isfile(new_paths["test_json"])
 
 
 def test_builtin_datasets_registered():
     import fasa_seesaw.data  # noqa: F401
 
+    assert "longtail_synth_quickstart_test" not in DatasetCatalog.list()
     for spec in (QUICKSTART, STUDY):
-        for split in ("train", "val"):
+        for split in spec_splits(spec):
             name = f"longtail_synth_{spec.name}_{split}"
             assert name in DatasetCatalog.list()
             meta = MetadataCatalog.get(name)
@@ -275,3 +373,4 @@ def test_builtin_datasets_registered():
                 c["image_count"] for c in cats
             ]
             assert meta.json_file.endswith(f"lvis_v1_format_{split}.json")
+    assert "longtail_synth_study_test" in DatasetCatalog.list()

@@ -24,6 +24,7 @@ from .longtail_synth import (
     lvis_equivalent_repeat_threshold,
     lvis_frequency,
     spec_categories,
+    spec_splits,
 )
 
 __all__ = [
@@ -45,5 +46,6 @@ __all__ = [
     "register_longtail_lvis",
     "register_lvis_json_dataset",
     "spec_categories",
+    "spec_splits",
     "validate_lvis_json",
 ]

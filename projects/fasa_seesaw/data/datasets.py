@@ -4,7 +4,10 @@
 Importing this module registers the built-in synthetic datasets (see longtail_synth.py):
 
     longtail_synth_quickstart_train, longtail_synth_quickstart_val,
-    longtail_synth_study_train, longtail_synth_study_val
+    longtail_synth_study_train, longtail_synth_study_val, longtail_synth_study_test,
+    longtail_synth_smoke_train, longtail_synth_smoke_val
+
+(a test split only for specs with num_test_images > 0).
 
 Their metadata (thing_classes, class_image_count, thing_frequency) is available right after
 import, computed from the spec alone; the images are generated (once, cached under
@@ -35,6 +38,7 @@ from .longtail_synth import (
     ensure_generated,
     lvis_frequency,
     spec_categories,
+    spec_splits,
 )
 
 logger = logging.getLogger(__name__)
@@ -359,7 +363,7 @@ def register_builtin_longtail_synth(root: Optional[str] = None) -> None:
     for spec_name, spec in SPECS.items():
         paths = dataset_paths(spec, root)
         categories = None
-        for split in ("train", "val"):
+        for split in spec_splits(spec):
             name = builtin_dataset_name(spec_name, split)
             if name in DatasetCatalog:
                 continue  # e.g. module reloaded

@@ -1,0 +1,181 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+tools/longtail_study.py end to end, tiny: 2 configs x 1 seed for a few iterations on the built-in
+smoke dataset; writes results.json / table.md / groups.png, skips finished runs when run again,
+only evaluates a trained run that has no metrics for the evaluation dataset, and refuses bad
+input in one line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(ROOT, "tools", "longtail_study.py")
+# The smoke spec (12 classes, 64 px images) and a schedule of seconds, as test_end_to_end.py.
+SMOKE_ARGS = ["--spec", "smoke", "--seeds", "0", "--iters", "6", "--opts"] + [
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def run_study(args, env):
+    return subprocess.run(
+        [sys.executable, STUDY] + args,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def table_rows(path):
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.startswith("| `")]
+    return [line.split("|")[1].strip().strip("`") for line in lines]
+
+
+class TestLongTailStudy(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.tmp = cls._tmp.name
+        cls.env = dict(os.environ, FASA_SEESAW_DATA=os.path.join(cls.tmp, "data"))
+        cls.out = os.path.join(cls.tmp, "study")
+        cls.args = ["--out", cls.out, "--configs", "ce", "seesaw"] + SMOKE_ARGS
+        # Snapshots after each command: later tests run the study again on the same folder.
+        cls.first = run_study(cls.args, cls.env)
+        cls.first_files = cls.snapshot()
+        cls.second = run_study(cls.args, cls.env) if cls.first.returncode == 0 else None
+        cls.second_files = cls.snapshot()
+
+    @classmethod
+    def snapshot(cls):
+        files = {}
+        try:
+            with open(os.path.join(cls.out, "results.json")) as f:
+                files["results"] = json.load(f)
+            files["table"] = table_rows(os.path.join(cls.out, "table.md"))
+            with open(os.path.join(cls.out, "groups.png"), "rb") as f:
+                files["png"] = f.read(8)
+            with open(os.path.join(cls.out, "runs", "ce", "seed0", "study_run.json")) as f:
+                files["attempts"] = json.load(f)["attempts"]
+            with open(os.path.join(cls.out, "runs", "ce", "seed0", "config.yaml")) as f:
+                files["config"] = f.read()
+        except OSError:
+            pass
+        return files
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def test_runs_and_writes_results(self):
+        r = self.first
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
+        self.assertIn("[study] 0/2 done", r.stdout)
+        self.assertIn("[study] 1/2 done", r.stdout)
+        self.assertIn("ETA 0:", r.stdout)  # known after the first run
+        files = self.first_files
+        results = files["results"]
+        runs = results["runs"]
+        self.assertEqual([(x["config"], x["seed"]) for x in runs], [("ce", 0), ("seesaw", 0)])
+        for x in runs:
+            self.assertGreater(x["wall_s"], 0)
+            for task in ("bbox", "segm"):
+                for key in ("AP", "APr", "APc", "APf"):
+                    self.assertIn(key, x[task])
+                self.assertTrue(0.0 <= x[task]["AP"] <= 100.0)
+        self.assertEqual(results["study"]["eval_dataset"], "longtail_synth_smoke_val")
+        self.assertEqual(results["study"]["num_classes"], 12)  # read from the dataset
+        self.assertEqual(set(results["summary"]), {"ce", "seesaw"})
+        self.assertEqual(files["table"], ["ce", "seesaw"])
+        self.assertEqual(files["png"], b"\x89PNG\r\n\x1a\n")
+        # The short schedule reached train_net.py.
+        self.assertIn("MAX_ITER: 6", files["config"])
+        self.assertIn("NUM_CLASSES: 12", files["config"])
+
+    def test_second_run_skips_finished_runs(self):
+        self.assertEqual(self.first.returncode, 0)
+        r = self.second
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
+        self.assertIn("skipping 2 finished runs", r.stdout)
+        self.assertNotIn("next:", r.stdout)
+        files = self.second_files
+        self.assertEqual(files["table"], ["ce", "seesaw"])
+        self.assertEqual(len(files["attempts"]), 1)  # nothing ran again
+        self.assertEqual(files["results"]["runs"], self.first_files["results"]["runs"])
+
+    def test_unevaluated_run_is_only_evaluated(self):
+        # A trained run without metrics for the evaluation dataset (as in the val -> test
+        # workflow) is evaluated with --eval-only, not trained again.
+        self.assertEqual(self.first.returncode, 0)
+        run = os.path.join(self.out, "runs", "ce", "seed0")
+        os.rename(os.path.join(run, "inference"), os.path.join(run, "inference.moved"))
+        args = self.args[:]
+        args[args.index("--configs") + 1 : args.index("--configs") + 3] = ["ce"]
+        r = run_study(args, self.env)
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
+        self.assertIn("next: ce seed 0 (evaluate)", r.stdout)
+        with open(os.path.join(run, "study_run.json")) as f:
+            actions = [a["action"] for a in json.load(f)["attempts"]]
+        self.assertEqual(actions, ["train", "evaluate"])
+        with open(os.path.join(self.out, "results.json")) as f:
+            (row,) = json.load(f)["runs"]
+        self.assertIn("/eval/longtail_synth_smoke_val/", row["metrics_file"])
+        self.assertGreater(row["eval_only_wall_s"], 0)
+
+    def test_dry_run_plans_resume_and_restart(self):
+        self.assertEqual(self.first.returncode, 0)
+        out = os.path.join(self.tmp, "dry")
+        stopped = os.path.join(out, "runs", "ce", "seed1")
+        crashed = os.path.join(out, "runs", "ce", "seed2")
+        for d in (stopped, crashed):
+            os.makedirs(d)
+        open(os.path.join(stopped, "last_checkpoint"), "w").close()
+        open(os.path.join(crashed, "log.txt"), "w").close()
+        args = ["--out", out, "--configs", "ce", "--dry-run", "--spec", "smoke"]
+        r = run_study(args + ["--seeds", "0", "1", "2", "--num-classes", "12"], self.env)
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        self.assertIn("[train] ce seed 0", r.stdout)
+        self.assertIn("[resume] ce seed 1", r.stdout)
+        self.assertIn("[restart] ce seed 2", r.stdout)
+        self.assertIn(" --resume ", r.stdout)
+        self.assertIn("SEED 2", r.stdout)
+        self.assertFalse(os.path.exists(os.path.join(out, "results.json")))
+        self.assertTrue(os.path.isfile(os.path.join(crashed, "log.txt")))  # dry: nothing moved
+
+    def test_bad_input_is_one_line(self):
+        out = os.path.join(self.tmp, "bad")
+        cases = [
+            (["--configs", "ce", "nope"], "unknown config 'nope'"),
+            (["--train-dataset", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
+            (["--spec", "smoke", "--split", "test"], "has no test split"),
+            (["--opts", "SEED", "3"], "may not set SEED"),
+        ]
+        for extra, message in cases:
+            with self.subTest(message=message):
+                r = run_study(["--out", out, "--dry-run"] + extra, self.env)
+                self.assertNotEqual(r.returncode, 0)
+                self.assertIn(message, r.stderr)
+                self.assertNotIn("Traceback", r.stderr)
+                # One line (library import warnings may come before it).
+                last = r.stderr.strip().splitlines()[-1]
+                self.assertTrue(last.startswith("error: ") and message in last, r.stderr)
+
+    def test_other_settings_are_refused(self):
+        self.assertEqual(self.first.returncode, 0)
+        args = [a if a != "6" else "7" for a in self.args]  # --iters 7
+        r = run_study(args, self.env)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("other settings (iters: 6, now 7)", r.stderr)
+        self.assertNotIn("Traceback", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
