@@ -58,12 +58,20 @@ class Trainer(DefaultTrainer):
         # scores must beat the K-th best that class has collected so far.
         if evaluators is None:
             evaluators = [cls.build_evaluator(cfg, name) for name in cfg.DATASETS.TEST]
+        if not isinstance(evaluators, (list, tuple)):
+            evaluators = [evaluators]
+        if len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} datasets")
+        if not evaluators:
+            return {}
         results = OrderedDict()
         for name, evaluator in zip(cfg.DATASETS.TEST, evaluators):
             one = cfg.clone()
             one.defrost()
             one.DATASETS.TEST = (name,)
-            with per_class_score_floor(evaluator.score_floor):
+            with per_class_score_floor(
+                evaluator.score_floor, cfg.FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE
+            ):
                 results[name] = super().test(one, model, [evaluator])
         return results if len(results) > 1 else next(iter(results.values()))
 

@@ -114,6 +114,7 @@ class TestEndToEnd(unittest.TestCase):
         topk = run_train_net(
             base
             + ["FASA_SEESAW.EVAL.TOPK_PER_CLASS", str(k), "FASA_SEESAW.EVAL.FIXED_K", str(k)]
+            + ["FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE", "-1"]
             + ["FASA_SEESAW.EVAL.EXTRAS", "('fixed', 'pool', 'tide')", "OUTPUT_DIR", out_topk],
             self.env,
         )

@@ -222,6 +222,26 @@ class TestEngineParity(unittest.TestCase):
         with self.assertRaises(EvaluationInputError):
             evaluate_lvis(gt, arr, "segm")
 
+    def test_no_per_image_cap_many_detections_of_one_class(self):
+        """Over 300 detections of one class in one image (AP-Fixed/AP-Pool lift the per-image
+        cap): the true positive scored last still counts in both engines."""
+        gt, box_a, box_b = _gt_two_classes()
+        rng = np.random.default_rng(0)
+        decoys = [
+            {"image_id": 1, "category_id": 1, "score": 0.9 - i * 1e-4,
+             "bbox": [float(rng.uniform(60, 120)), 60.0, 20.0, 20.0]}
+            for i in range(400)
+        ]  # fmt: skip
+        dets = decoys + [{"image_id": 1, "category_id": 1, "bbox": box_a, "score": 0.01}]
+        ref = evaluate_lvis(gt, dets, "bbox", "lvis", max_dets=-1)
+        fast = evaluate_lvis(gt, dets, "bbox", "hotcoco", max_dets=-1)
+        self.assertGreater(ref.per_category_ap[0], 0.0)
+        assert_metrics_equal(self, fast.metrics, ref.metrics)
+        np.testing.assert_allclose(fast.per_category_ap, ref.per_category_ap, equal_nan=True)
+        for engine in ("hotcoco", "lvis"):
+            m = ap_fixed(gt, dets, "bbox", k=10**4, engine=engine)
+            self.assertAlmostEqual(m["AP_fixed"], ref.metrics["AP"], places=6)
+
     def test_segm_results_carrying_bbox_use_mask_area(self):
         gt, dets = make_case(3)
         with_box = evaluate_lvis(gt, dets, "segm", "hotcoco")
@@ -448,6 +468,31 @@ class TestBadInput(unittest.TestCase):
             p = subprocess.run(cmd + [res_path, "--out", out], capture_output=True, text=True)
             self.assertEqual(p.returncode, 0)
             self.assertTrue(os.path.exists(os.path.join(out, "lvis_metrics.1.json")))
+
+
+class TestEvalConfig(unittest.TestCase):
+    def test_bad_eval_settings_are_refused_before_training(self):
+        from detectron2.config import get_cfg
+
+        from fasa_seesaw import add_fasa_seesaw_config
+        from fasa_seesaw.engine.checks import check_eval
+        from fasa_seesaw.errors import ConfigError
+
+        cfg = get_cfg()
+        add_fasa_seesaw_config(cfg)
+        check_eval(cfg.FASA_SEESAW.EVAL)  # defaults are fine
+        for key, value, words in (
+            ("ENGINE", "fast", "ENGINE"),
+            ("EXTRAS", ["fixed", "tidy"], "tidy"),
+            ("FIXED_K", 0, "FIXED_K"),
+            ("TOPK_PER_CLASS", 10, "below FIXED_K"),
+            ("TOPK_MAX_PER_IMAGE", 0, "TOPK_MAX_PER_IMAGE"),
+        ):
+            c = cfg.clone()
+            c.FASA_SEESAW.EVAL[key] = value
+            with self.assertRaises(ConfigError) as cm:
+                check_eval(c.FASA_SEESAW.EVAL)
+            self.assertIn(words, str(cm.exception))
 
 
 class TestPerCategoryCsv(unittest.TestCase):

@@ -68,6 +68,8 @@ def main(argv=None):
     try:
         gt = load_lvis_gt(args.gt)
         results = load_results(args.results)
+        if args.train_json and not os.path.isfile(args.train_json):
+            raise EvaluationInputError(f"--train-json '{args.train_json}' does not exist.")
         iou_types = args.iou_type
         if iou_types is None:
             has_seg = bool(results) and "segmentation" in results[0]

@@ -131,8 +131,13 @@ def load_fasa_bank(path: str, stage: int = -1) -> Dict[str, object]:
     """
     if not os.path.isfile(path):
         raise ToolError(f"checkpoint {path} does not exist")
-    # Our own checkpoints: older ones hold numpy arrays in the hook state.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # older checkpoints of this project hold numpy arrays in the hook state
+        print(
+            f"note: {path} needs weights_only=False (numpy in its trainer state)", file=sys.stderr
+        )
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict):
         raise ToolError(f"{path} is not a detectron2 checkpoint (a dict); got {type(ckpt)}")
     is_checkpoint = isinstance(ckpt.get("model", None), dict)

@@ -94,9 +94,14 @@ def add_fasa_seesaw_config(cfg):
     # K of AP-Fixed and AP-Pool: detections kept per class over the dataset.
     _C.FASA_SEESAW.EVAL.FIXED_K = 10000
     # > 0: keep only the top K results per class while collecting predictions (memory bounded
-    # by K x classes) and evaluate without a per-image cap; for AP-Fixed, pair it with a low
-    # MODEL.ROI_HEADS.SCORE_THRESH_TEST and TEST.DETECTIONS_PER_IMAGE above 300.
+    # by K x classes), lifting the per-image cap (see TOPK_MAX_PER_IMAGE) and dropping what can
+    # no longer enter a class's top K; for AP-Fixed, pair it with a low
+    # MODEL.ROI_HEADS.SCORE_THRESH_TEST (e.g. 0.0001) and TOPK_PER_CLASS >= FIXED_K.
     _C.FASA_SEESAW.EVAL.TOPK_PER_CLASS = 0
+    # In that mode, the most detections kept per image (-1: no cap). It bounds the memory of the
+    # first images, before the per-class floors rise: the mask head predicts N x classes x 28 x
+    # 28 logits for N detections (1000 x 1203 classes: 3.8 GB in fp32).
+    _C.FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE = 1000
     # Write per_category_ap_<task>.png next to the CSV.
     _C.FASA_SEESAW.EVAL.FIGURES = True
 

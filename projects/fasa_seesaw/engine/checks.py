@@ -36,8 +36,33 @@ def check_config(cfg):
                 "MODEL.ROI_BOX_HEAD.NUM_FC is 0 (the head outputs a conv map). Set NUM_FC >= 1, "
                 "or MODEL.FASA.ENABLED False."
             )
+    check_eval(cfg.FASA_SEESAW.EVAL)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
         check_num_classes(cfg)
+
+
+def check_eval(e):
+    """FASA_SEESAW.EVAL, checked before training rather than at the first evaluation."""
+    from ..evaluation.lvis_engines import ENGINES
+    from ..evaluation.report import EXTRAS
+
+    problems = []
+    if e.ENGINE not in ENGINES:
+        problems.append(f"FASA_SEESAW.EVAL.ENGINE {e.ENGINE!r} is unknown: use one of {ENGINES}")
+    bad = [x for x in e.EXTRAS if x not in EXTRAS]
+    if bad:
+        problems.append(f"FASA_SEESAW.EVAL.EXTRAS has unknown {bad}: choose from {EXTRAS}")
+    if e.FIXED_K <= 0:
+        problems.append(f"FASA_SEESAW.EVAL.FIXED_K must be positive, got {e.FIXED_K}")
+    if 0 < e.TOPK_PER_CLASS < e.FIXED_K:
+        problems.append(
+            f"FASA_SEESAW.EVAL.TOPK_PER_CLASS ({e.TOPK_PER_CLASS}) is below FIXED_K "
+            f"({e.FIXED_K}): every class would count as having fewer than K; make them equal"
+        )
+    if e.TOPK_MAX_PER_IMAGE == 0 or e.TOPK_MAX_PER_IMAGE < -1:
+        problems.append("FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE must be positive or -1 (no cap)")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
 
 
 def check_fasa(c):

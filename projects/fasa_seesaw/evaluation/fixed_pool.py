@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .lvis_engines import (
     METRIC_KEYS,
+    EvaluationInputError,
     evaluate_lvis,
     load_lvis_gt,
     prepare_results,
@@ -77,9 +78,12 @@ def _warn_short(short: Dict[int, int], num_cats: int, k: int):
         )
 
 
-def _prepared_top_k(gt, results, iou_type, k, img_ids):
-    gt = load_lvis_gt(gt)
-    results = prepare_results(gt, results, iou_type, img_ids)
+def _prepared_top_k(gt, results, iou_type, k, img_ids, prepared=False):
+    if k <= 0:
+        raise EvaluationInputError(f"K of AP-Fixed/AP-Pool must be positive, not {k}.")
+    if not prepared:
+        gt = load_lvis_gt(gt)
+        results = prepare_results(gt, results, iou_type, img_ids)
     capped, short = cap_per_class(results, k)
     _warn_short(short, _num_categories(results), k)
     return gt, capped, short
@@ -92,9 +96,11 @@ def ap_fixed(
     k: int = 10000,
     engine: str = "hotcoco",
     img_ids: Optional[Sequence[int]] = None,
+    prepared: bool = False,
 ) -> dict:
-    """AP-Fixed: top ``k`` per class over the dataset, no per-image cap, standard LVIS AP."""
-    gt, capped, short = _prepared_top_k(gt, results, iou_type, k, img_ids)
+    """AP-Fixed: top ``k`` per class over the dataset, no per-image cap, standard LVIS AP.
+    ``prepared``: ``gt`` and ``results`` came from load_lvis_gt / prepare_results."""
+    gt, capped, short = _prepared_top_k(gt, results, iou_type, k, img_ids, prepared)
     out = evaluate_lvis(gt, capped, iou_type, engine, max_dets=-1, img_ids=img_ids, prepared=True)
     metrics = {f"{key}_fixed": out.metrics[key] for key in METRIC_KEYS}
     metrics["classes_below_K"] = len(short)
@@ -111,6 +117,9 @@ def pooled_ap_from_eval_imgs(
     ``pool_cat_ids`` from per-(image, category) matching results of one area range (the layout
     of :class:`LVISEvalOutput.eval_imgs`).
     """
+    areas = {tuple(e["area_rng"]) for e in eval_imgs}
+    if len(areas) > 1:
+        raise ValueError(f"pooled AP needs one area range; eval_imgs hold {len(areas)}.")
     by_key = {(e["image_id"], e["category_id"]): e for e in eval_imgs}
     pool = sorted(set(int(c) for c in pool_cat_ids))
     entries = [
@@ -160,9 +169,10 @@ def ap_pool(
     k: int = 10000,
     engine: str = "hotcoco",
     img_ids: Optional[Sequence[int]] = None,
+    prepared: bool = False,
 ) -> dict:
     """AP-Pool for all categories and for each of the r, c, f groups (percent; NaN: no GT)."""
-    gt, capped, short = _prepared_top_k(gt, results, iou_type, k, img_ids)
+    gt, capped, short = _prepared_top_k(gt, results, iou_type, k, img_ids, prepared)
     out = evaluate_lvis(
         gt,
         capped,

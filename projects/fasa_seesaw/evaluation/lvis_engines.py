@@ -35,6 +35,7 @@ import numpy as np
 import os
 import threading
 import types
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
@@ -470,7 +471,7 @@ def _normalise_eval_imgs_hotcoco(ev) -> list:
     return out
 
 
-def _run_lvis(gt, results, iou_type, img_ids, area_rng):
+def _run_lvis(gt, results, iou_type, img_ids, area_rng, max_dets):
     from lvis import LVIS, LVISEval, LVISResults
 
     lvis_gt = LVIS.__new__(LVIS)
@@ -509,12 +510,35 @@ def _hotcoco_gt(gt: dict) -> dict:
     return g
 
 
-def _run_hotcoco(gt, results, iou_type, img_ids, area_rng):
+# hotcoco, like COCO, also keeps at most params.max_dets (300) detections per image AND category
+# while matching; lvis-api has no per-category cut. The per-image cap is applied before either
+# engine sees the results, so hotcoco's cut is lifted to match lvis-api when more than 300 per
+# image can reach it (AP-Fixed, AP-Pool).
+_NO_CUT = 2**31 - 1
+
+
+def hotcoco_lvis_eval(gt: dict, results, iou_type: str, max_dets: int):
+    """A hotcoco LVIS-mode evaluator over already capped ``results``, matching lvis-api."""
     import hotcoco
 
     G = hotcoco.COCO(_hotcoco_gt(gt))
-    dt = hotcoco.LVISResults(G, results, max_dets=-1)
-    ev = hotcoco.COCOeval(G, dt, iou_type, lvis_style=True)
+    ev = hotcoco.COCOeval(
+        G, hotcoco.LVISResults(G, results, max_dets=-1), iou_type, lvis_style=True
+    )
+    if max_dets is None or max_dets < 0 or max_dets > 300:
+        p = ev.params
+        p.max_dets = [_NO_CUT]
+        ev.params = p
+    return ev
+
+
+def _ar_keys_as_lvis(raw: Dict[str, float]) -> Dict[str, float]:
+    """lvis-api always names recall AR@300 (its params.max_dets); hotcoco uses the cut."""
+    return {k.replace(f"@{_NO_CUT}", "@300"): v for k, v in raw.items()}
+
+
+def _run_hotcoco(gt, results, iou_type, img_ids, area_rng, max_dets):
+    ev = hotcoco_lvis_eval(gt, results, iou_type, max_dets)
     if img_ids is not None:
         p = ev.params
         p.img_ids = sorted(set(img_ids))
@@ -528,9 +552,10 @@ def _run_hotcoco(gt, results, iou_type, img_ids, area_rng):
     ev.accumulate()
     raw = {}
     if area_rng is None:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*max_dets differ.*")  # the lifted cut
             ev.summarize()
-        raw = ev.get_results()
+        raw = _ar_keys_as_lvis(ev.get_results())
     precision = np.asarray(ev.eval["precision"], dtype=np.float64)[..., 0]
     return ev, raw, precision
 
@@ -565,6 +590,8 @@ def evaluate_lvis(
     """
     if engine not in ENGINES:
         raise EvaluationInputError(f"unknown LVIS engine {engine!r}; choose one of {ENGINES}.")
+    if max_dets is not None and max_dets == 0:
+        raise EvaluationInputError("max_dets must be positive (300 for LVIS) or -1 for no cap.")
     if not prepared:
         gt = load_lvis_gt(gt)
         results = prepare_results(gt, results, iou_type, img_ids)
@@ -572,7 +599,7 @@ def evaluate_lvis(
     if len(results) == 0:
         raise EmptyResultsError("every detection has zero area; there is nothing to evaluate.")
     run = _run_hotcoco if engine == "hotcoco" else _run_lvis
-    ev, raw, precision = run(gt, results, iou_type, img_ids, area_rng)
+    ev, raw, precision = run(gt, results, iou_type, img_ids, area_rng, max_dets)
     cat_ids = [int(c) for c in ev.params.cat_ids]
     eval_imgs = None
     if keep_eval_imgs:

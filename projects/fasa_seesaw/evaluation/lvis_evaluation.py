@@ -139,6 +139,10 @@ class LongTailLVISEvaluator(LVISEvaluator):
         self._extras = tuple(extras)
         self._fixed_k = fixed_k
         self._topk = int(topk_per_class)
+        # LVIS jsons (and the built-in ones) carry training image counts in their categories;
+        # reading the training json (1 GB for LVIS) is the fallback.
+        if all("image_count" in c for c in self._gt["categories"]):
+            train_json = None
         self._train_json = train_json
         self._figures = figures
         self._results = OrderedDict()

@@ -139,9 +139,9 @@ def evaluate_report(
         )
         m = OrderedDict(std.metrics)
         if "fixed" in extras:
-            m.update(ap_fixed(gt, prepared, iou_type, fixed_k, engine, img_ids))
+            m.update(ap_fixed(gt, prepared, iou_type, fixed_k, engine, img_ids, prepared=True))
         if "pool" in extras:
-            m.update(ap_pool(gt, prepared, iou_type, fixed_k, engine, img_ids))
+            m.update(ap_pool(gt, prepared, iou_type, fixed_k, engine, img_ids, prepared=True))
         if "tide" in extras:
             m.update(tide_errors(gt, prepared, iou_type, max_dets, img_ids, prepared=True))
         out[iou_type] = m

@@ -14,11 +14,16 @@ detection), Bkg (detection on background), Miss (missed ground truth).
 """
 
 import contextlib
-import copy
 import io
 from typing import Optional, Sequence
 
-from .lvis_engines import _drop_empty, _hotcoco_gt, cap_per_image, load_lvis_gt, prepare_results
+from .lvis_engines import (
+    _drop_empty,
+    cap_per_image,
+    hotcoco_lvis_eval,
+    load_lvis_gt,
+    prepare_results,
+)
 
 __all__ = ["TIDE_ERRORS", "tide_errors"]
 
@@ -39,16 +44,11 @@ def tide_errors(
     Returns {"TIDE_AP50": baseline AP50, "TIDE_Cls": dAP50, ..., "TIDE_Miss": dAP50,
     "TIDE_count_Cls": number of such errors, ...}; percent.
     """
-    import hotcoco
-
     if not prepared:
         gt = load_lvis_gt(gt)
         results = prepare_results(gt, results, iou_type, img_ids)
     results = _drop_empty(cap_per_image(results, max_dets), iou_type)
-    G = hotcoco.COCO(_hotcoco_gt(copy.copy(gt)))
-    ev = hotcoco.COCOeval(
-        G, hotcoco.LVISResults(G, results, max_dets=-1), iou_type, lvis_style=True
-    )
+    ev = hotcoco_lvis_eval(gt, results, iou_type, max_dets)
     if img_ids is not None:
         ev.params.img_ids = sorted(set(int(i) for i in img_ids))
     with contextlib.redirect_stdout(io.StringIO()):

@@ -23,15 +23,17 @@ from detectron2.modeling.roi_heads import fast_rcnn
 
 __all__ = ["per_class_score_floor"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # process-wide: the patched function is module state
 
 
 @contextlib.contextmanager
-def per_class_score_floor(floor_fn: Callable[[int], torch.Tensor]):
+def per_class_score_floor(floor_fn: Callable[[int], torch.Tensor], max_per_image: int = -1):
     """
-    While active, detectron2's box inference ignores the per-image cap (TEST.DETECTIONS_PER_IMAGE)
-    and drops class-c scores at or below ``floor_fn(C)[c]``; the usual score threshold
-    (MODEL.ROI_HEADS.SCORE_THRESH_TEST) still applies.
+    While active, detectron2's box inference (in this process) replaces its per-image cap
+    (TEST.DETECTIONS_PER_IMAGE) by ``max_per_image`` (-1: none) and drops class-c scores at or
+    below ``floor_fn(C)[c]``; the usual score threshold (MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+    still applies. A finite ``max_per_image`` bounds the mask head's memory (it predicts
+    N x classes x 28 x 28 logits for N detections) on the first images, before the floors rise.
     """
     original = fast_rcnn.fast_rcnn_inference_single_image
 
@@ -41,7 +43,7 @@ def per_class_score_floor(floor_fn: Callable[[int], torch.Tensor]):
         scores = scores.clone()
         fg = scores[:, :num_classes]
         fg[fg <= floor[None, :]] = 0.0  # <= score_thresh (>= 0): filtered out
-        return original(boxes, scores, image_shape, score_thresh, nms_thresh, -1)
+        return original(boxes, scores, image_shape, score_thresh, nms_thresh, max_per_image)
 
     with _lock:
         fast_rcnn.fast_rcnn_inference_single_image = inference_single_image
