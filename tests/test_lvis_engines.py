@@ -397,6 +397,22 @@ class TestTide(unittest.TestCase):
         for k in ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"):
             self.assertGreaterEqual(t[f"TIDE_{k}"], 0.0)
 
+    def test_report_equals_the_separate_computations(self):
+        """evaluate_report shares work (one top-K cut for AP-Fixed and AP-Pool; TIDE from the
+        standard hotcoco evaluation); its numbers equal each metric computed on its own."""
+        gt, dets = make_case(11)
+        for engine in ("hotcoco", "lvis"):
+            rep = evaluate_report(gt, dets, ("bbox",), engine=engine, fixed_k=50)["bbox"]
+            alone = {}
+            alone.update(ap_fixed(gt, dets, "bbox", 50, engine))
+            alone.update(ap_pool(gt, dets, "bbox", 50, engine))
+            alone.update(tide_errors(gt, dets, "bbox"))
+            for key, value in alone.items():
+                if isinstance(value, float) and np.isnan(value):
+                    self.assertTrue(np.isnan(rep[key]), key)
+                else:
+                    self.assertAlmostEqual(rep[key], value, places=9, msg=(engine, key))
+
     def test_a_confusion_is_a_class_error(self):
         gt, box_a, box_b = _gt_two_classes()
         gt["images"][0]["neg_category_ids"] = [2, 3]

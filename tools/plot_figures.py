@@ -38,6 +38,7 @@ from fasa_seesaw import add_fasa_seesaw_config  # also registers the built-in da
 from fasa_seesaw.data.heldout import base_dataset
 from fasa_seesaw.engine.grad_stats import category_table
 from fasa_seesaw.evaluation.figures import FREQUENCY_NAMES, fasa_tsne_figure, plot_side_by_side
+from fasa_seesaw.evaluation.report import unique_path
 
 HOOK_NAME = "FASAAdaptationHook"  # the key detectron2's TrainerBase.state_dict gives its state
 _BANK_MEAN = re.compile(r"^(.*)fasa_bank\.mean$")
@@ -48,17 +49,6 @@ _SPLIT_SUFFIXES = ("_fasa_fit", "_fasa_heldout")
 
 class ToolError(Exception):
     """A problem with the user's input; main() prints it as one line and exits."""
-
-
-def unique_path(path: str) -> str:
-    """``path`` if nothing exists there, else the first free "stem.1.ext", "stem.2.ext", ..."""
-    if not os.path.exists(path):
-        return path
-    stem, ext = os.path.splitext(path)
-    k = 1
-    while os.path.exists(f"{stem}.{k}{ext}"):
-        k += 1
-    return f"{stem}.{k}{ext}"
 
 
 def build_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str] = None):

@@ -78,7 +78,11 @@ def _warn_short(short: Dict[int, int], num_cats: int, k: int):
         )
 
 
-def _prepared_top_k(gt, results, iou_type, k, img_ids, prepared=False):
+def capped_per_class(gt, results, iou_type, k, img_ids=None, prepared=False):
+    """
+    (gt, results capped to the top ``k`` per class, {category: count} of classes below ``k``):
+    the input both AP-Fixed and AP-Pool evaluate; the fewer-than-K warning is logged here, once.
+    """
     if k <= 0:
         raise EvaluationInputError(f"K of AP-Fixed/AP-Pool must be positive, not {k}.")
     if not prepared:
@@ -87,6 +91,14 @@ def _prepared_top_k(gt, results, iou_type, k, img_ids, prepared=False):
     capped, short = cap_per_class(results, k)
     _warn_short(short, _num_categories(results), k)
     return gt, capped, short
+
+
+def fixed_metrics(gt, capped, short, iou_type, engine="hotcoco", img_ids=None) -> dict:
+    """AP-Fixed metrics from the output of :func:`capped_per_class`."""
+    out = evaluate_lvis(gt, capped, iou_type, engine, max_dets=-1, img_ids=img_ids, prepared=True)
+    metrics = {f"{key}_fixed": out.metrics[key] for key in METRIC_KEYS}
+    metrics["classes_below_K"] = len(short)
+    return metrics
 
 
 def ap_fixed(
@@ -100,11 +112,8 @@ def ap_fixed(
 ) -> dict:
     """AP-Fixed: top ``k`` per class over the dataset, no per-image cap, standard LVIS AP.
     ``prepared``: ``gt`` and ``results`` came from load_lvis_gt / prepare_results."""
-    gt, capped, short = _prepared_top_k(gt, results, iou_type, k, img_ids, prepared)
-    out = evaluate_lvis(gt, capped, iou_type, engine, max_dets=-1, img_ids=img_ids, prepared=True)
-    metrics = {f"{key}_fixed": out.metrics[key] for key in METRIC_KEYS}
-    metrics["classes_below_K"] = len(short)
-    return metrics
+    gt, capped, short = capped_per_class(gt, results, iou_type, k, img_ids, prepared)
+    return fixed_metrics(gt, capped, short, iou_type, engine, img_ids)
 
 
 def pooled_ap_from_eval_imgs(
@@ -162,17 +171,8 @@ def pooled_ap_from_eval_imgs(
     return float(precision.mean())
 
 
-def ap_pool(
-    gt,
-    results,
-    iou_type: str = "bbox",
-    k: int = 10000,
-    engine: str = "hotcoco",
-    img_ids: Optional[Sequence[int]] = None,
-    prepared: bool = False,
-) -> dict:
-    """AP-Pool for all categories and for each of the r, c, f groups (percent; NaN: no GT)."""
-    gt, capped, short = _prepared_top_k(gt, results, iou_type, k, img_ids, prepared)
+def pool_metrics(gt, capped, iou_type, engine="hotcoco", img_ids=None) -> dict:
+    """AP-Pool metrics (all, r, c, f) from the output of :func:`capped_per_class`."""
     out = evaluate_lvis(
         gt,
         capped,
@@ -196,3 +196,17 @@ def ap_pool(
         v = pooled_ap_from_eval_imgs(out.eval_imgs, out.img_ids, cats)
         metrics[name] = float("nan") if v == -1 else v * 100.0
     return metrics
+
+
+def ap_pool(
+    gt,
+    results,
+    iou_type: str = "bbox",
+    k: int = 10000,
+    engine: str = "hotcoco",
+    img_ids: Optional[Sequence[int]] = None,
+    prepared: bool = False,
+) -> dict:
+    """AP-Pool for all categories and for each of the r, c, f groups (percent; NaN: no GT)."""
+    gt, capped, _ = capped_per_class(gt, results, iou_type, k, img_ids, prepared)
+    return pool_metrics(gt, capped, iou_type, engine, img_ids)

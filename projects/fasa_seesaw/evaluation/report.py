@@ -13,9 +13,9 @@ import os
 from collections import OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from .fixed_pool import ap_fixed, ap_pool
+from .fixed_pool import capped_per_class, fixed_metrics, pool_metrics
 from .lvis_engines import EvaluationInputError, evaluate_lvis, load_lvis_gt, prepare_results
-from .tide import tide_errors
+from .tide import tide_errors, tide_from_evaluator
 
 __all__ = [
     "EXTRAS",
@@ -23,6 +23,7 @@ __all__ = [
     "write_per_category_csv",
     "evaluate_report",
     "format_table",
+    "unique_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def write_per_category_csv(path, gt: dict, cat_ids, ap, train_images: Dict[int, 
     return rows
 
 
-def _unique_path(path: str) -> str:
+def unique_path(path: str) -> str:
     """``path`` if free, else ``path`` with .1, .2, ... before the extension (never overwrite)."""
     if not os.path.exists(path):
         return path
@@ -138,17 +139,24 @@ def evaluate_report(
             gt, prepared, iou_type, engine, max_dets=max_dets, img_ids=img_ids, prepared=True
         )
         m = OrderedDict(std.metrics)
-        if "fixed" in extras:
-            m.update(ap_fixed(gt, prepared, iou_type, fixed_k, engine, img_ids, prepared=True))
-        if "pool" in extras:
-            m.update(ap_pool(gt, prepared, iou_type, fixed_k, engine, img_ids, prepared=True))
+        if "fixed" in extras or "pool" in extras:  # one top-K cut serves both
+            _, capped, short = capped_per_class(
+                gt, prepared, iou_type, fixed_k, img_ids, prepared=True
+            )
+            if "fixed" in extras:
+                m.update(fixed_metrics(gt, capped, short, iou_type, engine, img_ids))
+            if "pool" in extras:
+                m.update(pool_metrics(gt, capped, iou_type, engine, img_ids))
         if "tide" in extras:
-            m.update(tide_errors(gt, prepared, iou_type, max_dets, img_ids, prepared=True))
+            if engine == "hotcoco":  # the standard evaluation already matched everything
+                m.update(tide_from_evaluator(std.evaluator))
+            else:
+                m.update(tide_errors(gt, prepared, iou_type, max_dets, img_ids, prepared=True))
         out[iou_type] = m
         tables[iou_type] = (std.cat_ids, std.per_category_ap)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        path = _unique_path(os.path.join(out_dir, f"{prefix}lvis_metrics.json"))
+        path = unique_path(os.path.join(out_dir, f"{prefix}lvis_metrics.json"))
         with open(path, "w", encoding="utf-8") as f:
             json.dump(
                 {
@@ -162,12 +170,10 @@ def evaluate_report(
                 indent=2,
             )
         for iou_type, (cat_ids, ap) in tables.items():
-            csv_path = _unique_path(
-                os.path.join(out_dir, f"{prefix}per_category_ap_{iou_type}.csv")
-            )
+            csv_path = unique_path(os.path.join(out_dir, f"{prefix}per_category_ap_{iou_type}.csv"))
             rows = write_per_category_csv(csv_path, gt, cat_ids, ap, train_images)
             if figures and rows and all(r["train_images"] is not None for r in rows):
-                png = _unique_path(os.path.join(out_dir, f"{prefix}per_category_ap_{iou_type}.png"))
+                png = unique_path(os.path.join(out_dir, f"{prefix}per_category_ap_{iou_type}.png"))
                 _per_category_figure(rows, png, iou_type)
         logger.info(f"LVIS evaluation written to {out_dir}")
     return out

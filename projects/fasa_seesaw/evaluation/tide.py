@@ -25,7 +25,7 @@ from .lvis_engines import (
     prepare_results,
 )
 
-__all__ = ["TIDE_ERRORS", "tide_errors"]
+__all__ = ["TIDE_ERRORS", "tide_errors", "tide_from_evaluator"]
 
 TIDE_ERRORS = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
 
@@ -53,6 +53,13 @@ def tide_errors(
         ev.params.img_ids = sorted(set(int(i) for i in img_ids))
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
+    return tide_from_evaluator(ev, pos_thr, bg_thr)
+
+
+def tide_from_evaluator(ev, pos_thr: float = 0.5, bg_thr: float = 0.1) -> dict:
+    """TIDE from a hotcoco LVIS-mode evaluator that has already matched (``evaluate()``), e.g.
+    the standard evaluation's own (``LVISEvalOutput.evaluator`` of the hotcoco engine)."""
+    with contextlib.redirect_stdout(io.StringIO()):
         t = ev.tide_errors(pos_thr=pos_thr, bg_thr=bg_thr)
     out = {"TIDE_AP50": float(t["ap_base"]) * 100.0}
     for k in TIDE_ERRORS:
