@@ -28,6 +28,7 @@ evaluation dataset of the current command.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import glob
 import json
@@ -38,6 +39,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 
@@ -122,6 +124,13 @@ def parse_args(argv=None):
         help="shorten or lengthen the schedule to this many iterations; LR steps, warm-up and "
         "FASA's warm-up and adaptation period scale with it (for smoke tests)",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each with cpu_count // jobs threads (default 1). On 2 CPU cores, "
+        "--jobs 2 (two single-threaded runs) trains ~1.4x faster than one two-threaded run",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     ap.add_argument(
         "--opts",
@@ -137,6 +146,8 @@ def parse_args(argv=None):
         raise StudyError(f"unknown config {unknown[0]!r}; choose from: {', '.join(MATRIX)}")
     args.configs = list(OrderedDict.fromkeys(args.configs))
     args.seeds = list(OrderedDict.fromkeys(args.seeds))
+    if args.jobs < 1:
+        raise StudyError(f"--jobs must be >= 1; got {args.jobs}")
     if args.iters is not None and args.iters < 2:
         raise StudyError(f"--iters must be >= 2; got {args.iters}")
     if args.num_classes is not None and args.num_classes < 1:
@@ -339,7 +350,24 @@ def load_metrics(path):
         return json.load(f)
 
 
-def execute(run, action, progress):
+# Child processes alive now, so an interrupt stops all of them (--jobs > 1).
+_LIVE = set()
+
+
+def thread_env(jobs):
+    """Environment for a run when `jobs` runs share the machine: cpu_count // jobs threads each.
+
+    With --jobs 1 the environment is left as it is (torch's own default).
+    """
+    env = dict(os.environ)
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[key] = threads
+    return env
+
+
+def execute(run, action, progress, env=None):
     """Runs one train_net.py command; its output goes to <run>/study_log.txt. Returns the rc."""
     if action == "restart":
         print(f"[study] {run.label}: unfinished without a checkpoint; moved to {run.move_aside()}")
@@ -352,8 +380,15 @@ def execute(run, action, progress):
         log.write(f"\n===== {started} {action}: {shlex.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
+        _LIVE.add(proc)
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -366,6 +401,7 @@ def execute(run, action, progress):
             proc.wait()
             raise
         finally:
+            _LIVE.discard(proc)
             run.add_attempt(
                 {
                     "action": action,
@@ -373,6 +409,7 @@ def execute(run, action, progress):
                     "started": started,
                     "wall_s": round(time.perf_counter() - start, 2),
                     "returncode": rc,
+                    "threads": (env or os.environ).get("OMP_NUM_THREADS"),
                     "command": cmd,
                 }
             )
@@ -520,6 +557,7 @@ def write_outputs(study, runs):
             seeds=study.seeds,
             iters=study.iters,
             opts=study.opts,
+            jobs=study.jobs,
             command=study.command_line,
             machine=f"{platform.platform()}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}",
@@ -548,6 +586,7 @@ class Study:
         self.configs, self.seeds = args.configs, args.seeds
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.num_classes, self.iters, self.opts = num_classes, args.iters, list(args.opts)
+        self.jobs = args.jobs
         self.command_line = shlex.join(["python", "tools/longtail_study.py"] + sys.argv[1:])
         self.schedule = {
             name: (
@@ -557,7 +596,8 @@ class Study:
             )
             for name in self.configs
         }
-        self.runs = [Run(self, name, seed) for name in self.configs for seed in self.seeds]
+        # Seed-major: a study stopped part-way has whole seeds of the matrix.
+        self.runs = [Run(self, name, seed) for seed in self.seeds for name in self.configs]
 
     def settings(self):
         """What makes a trained model; the evaluation dataset may change between commands."""
@@ -621,33 +661,65 @@ def run_study(args):
 
     durations = [sum(r.wall_times()) for r, a in plan if a == "skip" and sum(r.wall_times()) > 0]
     failed = []
-    for i, (run, action) in enumerate(todo):
-        left = len(todo) - i
-        eta = f"ETA {_duration(np.mean(durations) * left)}" if durations else "ETA unknown"
-        progress = f"{done}/{total} runs done, {eta}"
-        print(f"[study] {done}/{total} done | {eta} | next: {run.label} ({action})")
+    env = thread_env(args.jobs)
+    if args.jobs > 1:
+        print(f"[study] {args.jobs} runs at a time, {env['OMP_NUM_THREADS']} thread(s) each")
+    state = {"done": done, "started": 0}
+    lock = threading.Lock()
+
+    def one(run, action):
+        with lock:
+            left = len(todo) - state["started"]
+            state["started"] += 1
+            rounds = math.ceil(left / args.jobs)
+            eta = f"ETA {_duration(np.mean(durations) * rounds)}" if durations else "ETA unknown"
+            progress = f"{state['done']}/{total} runs done, {eta}"
+            print(f"[study] {state['done']}/{total} done | {eta} | next: {run.label} ({action})")
         start = time.perf_counter()
-        rc = execute(run, action, progress)
-        if rc == 0 and run.metrics_file() is None:
-            print(
-                f"[study] FAILED {run.label}: train_net.py wrote no lvis_metrics.json (no "
-                f"detections?); see {os.path.join(run.dir, 'study_log.txt')}"
+        rc = execute(run, action, progress, env)
+        with lock:
+            if rc == 0 and run.metrics_file() is None:
+                print(
+                    f"[study] FAILED {run.label}: train_net.py wrote no lvis_metrics.json (no "
+                    f"detections?); see {os.path.join(run.dir, 'study_log.txt')}"
+                )
+                rc = 1
+            if rc != 0:
+                failed.append(run.label)
+                return
+            elapsed = time.perf_counter() - start
+            if action != "evaluate":
+                durations.append(sum(run.wall_times()))
+            state["done"] += 1
+            m = load_metrics(run.metrics_file())
+            summary = "  ".join(
+                f"{short} AP {_fmt(m.get(task, {}).get('AP'))} "
+                f"APr {_fmt(m.get(task, {}).get('APr'))}"
+                for task, short in TASKS
             )
-            rc = 1
-        if rc != 0:
-            failed.append(run.label)
-            continue
-        elapsed = time.perf_counter() - start
-        if action != "evaluate":
-            durations.append(sum(run.wall_times()))
-        done += 1
-        m = load_metrics(run.metrics_file())
-        summary = "  ".join(
-            f"{short} AP {_fmt(m.get(task, {}).get('AP'))} APr {_fmt(m.get(task, {}).get('APr'))}"
-            for task, short in TASKS
-        )
-        print(f"[study] finished {run.label} in {_duration(elapsed)}: {summary}")
-        write_outputs(study, study.runs)
+            print(f"[study] finished {run.label} in {_duration(elapsed)}: {summary}")
+            write_outputs(study, study.runs)
+
+    if args.jobs == 1:
+        for run, action in todo:
+            one(run, action)
+    else:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+        try:
+            futures = [pool.submit(one, run, action) for run, action in todo]
+            for fut in futures:
+                while True:  # short waits, so Ctrl-C reaches the main thread
+                    try:
+                        fut.result(timeout=1.0)
+                        break
+                    except concurrent.futures.TimeoutError:
+                        continue
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list(_LIVE):
+                proc.terminate()
+            raise
+        pool.shutdown()
     rows = write_outputs(study, study.runs)
     print(
         f"[study] {len(rows)}/{total} runs have metrics; wrote results.json, table.md"
