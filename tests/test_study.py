@@ -6,8 +6,10 @@ only evaluates a trained run that has no metrics for the evaluation dataset, and
 input in one line.
 """
 
+import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,6 +131,39 @@ class TestLongTailStudy(unittest.TestCase):
             (row,) = json.load(f)["runs"]
         self.assertIn("/eval/longtail_synth_smoke_val/", row["metrics_file"])
         self.assertGreater(row["eval_only_wall_s"], 0)
+
+    def test_two_jobs_evaluate_side_by_side(self):
+        # --jobs 2 on a copy of the trained study: both runs lack metrics, so both are evaluated,
+        # at the same time, each with cpu_count // 2 threads.
+        self.assertEqual(self.first.returncode, 0)
+        out = os.path.join(self.tmp, "jobs")
+        shutil.copytree(self.out, out)
+        for name in ("ce", "seesaw"):
+            shutil.rmtree(os.path.join(out, "runs", name, "seed0", "inference"))
+        args = self.args[:]
+        args[args.index("--out") + 1] = out
+        r = run_study(["--jobs", "2"] + args, self.env)
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
+        threads = str(max(1, (os.cpu_count() or 1) // 2))
+        self.assertIn(f"[study] 2 runs at a time, {threads} thread(s) each", r.stdout)
+        self.assertIn("next: ce seed 0 (evaluate)", r.stdout)
+        self.assertIn("next: seesaw seed 0 (evaluate)", r.stdout)
+        spans = []
+        for name in ("ce", "seesaw"):
+            with open(os.path.join(out, "runs", name, "seed0", "study_run.json")) as f:
+                last = json.load(f)["attempts"][-1]
+            self.assertEqual((last["action"], last["threads"]), ("evaluate", threads))
+            start = datetime.datetime.fromisoformat(last["started"]).timestamp()
+            spans.append((start, start + last["wall_s"]))
+        # The two evaluations overlapped in time: the later one started well before the earlier
+        # one ended (each takes several seconds; run one after the other, they would not).
+        self.assertLess(max(s for s, _ in spans) + 2.0, min(e for _, e in spans), spans)
+        with open(os.path.join(out, "results.json")) as f:
+            results = json.load(f)
+        self.assertEqual(results["study"]["jobs"], 2)
+        self.assertEqual([x["config"] for x in results["runs"]], ["ce", "seesaw"])
+        for x in results["runs"]:
+            self.assertIn("/eval/longtail_synth_smoke_val/", x["metrics_file"])
 
     def test_dry_run_plans_resume_and_restart(self):
         self.assertEqual(self.first.returncode, 0)

@@ -374,7 +374,7 @@ def execute(run, action, progress, env=None):
     os.makedirs(run.dir, exist_ok=True)
     cmd = run.command(action)
     log_path = os.path.join(run.dir, "study_log.txt")
-    start, started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="seconds")
+    start, started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="milliseconds")
     rc = None
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n===== {started} {action}: {shlex.join(cmd)}\n")

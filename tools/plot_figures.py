@@ -114,7 +114,8 @@ def load_fasa_bank(path: str, stage: int = -1) -> Dict[str, object]:
             order (a cascade has one per stage: -1 is the last; other models have one).
 
     Returns:
-        dict with mean, var (C, D) float64, count (C,) int64, seen (C,) bool, groups (C,) int64
+        dict with mean, var (C, D) float64, count (C,) int64, seen (C,) bool, probs (C,) float64
+        or None, groups (C,) int64
         or None when the checkpoint holds no adaptation pass, passes (int), iteration (int or
         None), stage (the resolved index), num_stages and prefix (the predictor's state-dict
         prefix).
@@ -157,6 +158,12 @@ def load_fasa_bank(path: str, stage: int = -1) -> Dict[str, object]:
         "var": _numpy(model[bank + "var"]).astype(np.float64),
         "count": count,
         "seen": count > 0,  # ClassFeatureBank.seen
+        # The draw probabilities (FASAFastRCNNOutputLayers.fasa_probs), when present.
+        "probs": (
+            _numpy(model[prefix + "fasa_probs"]).astype(np.float64)
+            if prefix + "fasa_probs" in model
+            else None
+        ),
         "groups": None,
         "passes": 0,
         "stage": k,

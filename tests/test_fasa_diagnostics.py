@@ -1,0 +1,70 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+tools/fasa_diagnostics.py: the adaptation-rule check recovers the (up, down) exponents of
+probabilities produced by fasa_seesaw's own adapt_probabilities, and rejects ratios the rule
+cannot produce (wrong counts); the virtual-feature statistics read metrics.json after warm-up.
+"""
+
+import json
+import numpy as np
+import os
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import fasa_diagnostics as fd  # noqa: E402
+
+from fasa_seesaw.modeling.fasa_sampling import (  # noqa: E402
+    adapt_probabilities,
+    initial_probabilities,
+)
+
+
+class TestAdaptationExponents(unittest.TestCase):
+    def test_recovers_the_rule_and_rejects_wrong_counts(self):
+        rng = np.random.default_rng(0)
+        counts = rng.integers(1, 500, size=40)
+        p0 = initial_probabilities(counts)
+        groups = rng.integers(0, 5, size=40)
+        p, prev, ups, downs = p0.copy(), None, np.zeros(40, int), np.zeros(40, int)
+        passes = 4
+        for _ in range(passes):
+            loss = rng.normal(size=5)
+            new = adapt_probabilities(p, groups, loss, prev)
+            if prev is not None:  # independent bookkeeping of the rule, per group
+                ups += (loss < prev)[groups]
+                downs += (loss > prev)[groups]
+            p, prev = new, loss
+        p = p.astype(np.float32).astype(np.float64)  # the checkpoint buffer is float32
+        exps = fd.adaptation_exponents(p / p0, passes)
+        self.assertEqual(exps, [(int(a), int(b)) for a, b in zip(ups, downs)])
+        # Probabilities from other counts (one class's count off by one) break the rule there.
+        wrong = counts.copy()
+        wrong[3] += 1
+        exps = fd.adaptation_exponents(p / initial_probabilities(wrong), passes)
+        self.assertGreater(sum(e is None for e in exps), 0)
+        # More adaptation steps than passes allow are not accepted either.
+        self.assertIsNone(fd.adaptation_exponents([1.1**3], passes=3)[0])
+        self.assertEqual(fd.adaptation_exponents([1.1**2], passes=3)[0], (2, 0))
+
+    def test_virtual_stats_after_warmup(self):
+        with tempfile.TemporaryDirectory() as d:
+            rows = [
+                {"iteration": 19, "fasa/num_virtual": 0.0, "loss_fasa": 0.0},
+                {"iteration": 39, "fasa/num_virtual": 2.0, "loss_fasa": 0.5},
+                {"iteration": 59, "fasa/num_virtual": 4.0, "loss_fasa": 0.0},
+                {"iteration": 60, "fasa/num_groups": 3.0},
+            ]
+            with open(os.path.join(d, "metrics.json"), "w") as f:
+                f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+            s = fd.virtual_stats(d, warmup=20)
+        self.assertEqual(s["virtual_per_step"], 3.0)
+        self.assertEqual(s["virtual_samples"], 2)
+        self.assertEqual(s["loss_fasa_nonzero"], 0.5)
+
+
+if __name__ == "__main__":
+    unittest.main()
