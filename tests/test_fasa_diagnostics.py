@@ -16,7 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import fasa_diagnostics as fd  # noqa: E402
-
 from fasa_seesaw.modeling.fasa_sampling import (  # noqa: E402
     adapt_probabilities,
     initial_probabilities,

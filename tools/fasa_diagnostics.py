@@ -32,7 +32,6 @@ import os
 import shlex
 import sys
 from collections import OrderedDict
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
