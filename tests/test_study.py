@@ -212,5 +212,38 @@ class TestLongTailStudy(unittest.TestCase):
         self.assertNotIn("Traceback", r.stderr)
 
 
+class TestDifferences(unittest.TestCase):
+    """The table's differences to the baseline, on hand-made summaries."""
+
+    def setUp(self):
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        import longtail_study
+
+        self.ls = longtail_study
+
+    def test_exceeds_only_when_intervals_do_not_overlap(self):
+        def stat(mean, std):
+            return {"mean": mean, "std": std, "n": 3}
+
+        self.assertEqual(self.ls.compare(stat(1.0, 0.5), stat(3.0, 0.5)), (2.0, 1.0, True))
+        self.assertEqual(self.ls.compare(stat(1.0, 0.5), stat(1.5, 0.4))[2], False)
+        self.assertEqual(self.ls.compare(stat(3.0, 0.25), stat(1.0, 0.25))[:2], (-2.0, 0.5))
+        self.assertIsNone(self.ls.compare(stat(1.0, None), stat(3.0, 0.5)))  # one seed
+
+        def entry(mean, std):
+            return {t: {m: stat(mean, std) for m in self.ls.METRICS} for t, _ in self.ls.TASKS}
+
+        summary = {"ce": entry(1.0, 0.5), "seesaw": entry(3.0, 0.5), "fasa": entry(1.5, 0.4)}
+        lines = self.ls.compare_lines(summary)
+        rows = [line for line in lines if line.startswith("| `")]
+        self.assertEqual(len(rows), 2)
+        self.assertIn("**+2.00 (1.00)**", rows[0])
+        self.assertIn("+0.50 (0.90)", rows[1])
+        self.assertNotIn("**", rows[1])
+        diffs = self.ls.differences(summary)
+        self.assertEqual(diffs["fasa"]["segm"]["APr"]["exceeds"], False)
+        self.assertEqual(self.ls.compare_lines({"seesaw": entry(3.0, 0.5)}), [])  # no baseline
+
+
 if __name__ == "__main__":
     unittest.main()

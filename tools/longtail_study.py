@@ -60,6 +60,7 @@ MATRIX = OrderedDict(
     ]
 )
 TASKS = (("bbox", "box"), ("segm", "mask"))
+BASELINE = "ce"  # the table's differences are taken against this config
 METRICS = ("AP", "APr", "APc", "APf")
 GROUPS = (("APr", "rare", "#c0392b"), ("APc", "common", "#e67e22"), ("APf", "frequent", "#2c7fb8"))
 # Keys the study sets itself; --opts may not override them.
@@ -480,8 +481,71 @@ def format_table(study, summary):
         lines.append("| " + " | ".join(cells) + " |")
     if not summary:
         lines.append("| (no finished runs) |" + " |" * (len(head) - 1))
+    lines += compare_lines(summary)
     lines += ["", f"Command: `{study.command_line}`", ""]
     return "\n".join(lines)
+
+
+def compare(a, b):
+    """
+    (difference of means b - a, spread, exceeds) for two summary stats; spread is the sum of the
+    two sample standard deviations, and the difference exceeds it when the mean ± std intervals
+    do not overlap. None without two seeds on both sides.
+    """
+    if a["mean"] is None or b["mean"] is None or a["std"] is None or b["std"] is None:
+        return None
+    diff, spread = b["mean"] - a["mean"], a["std"] + b["std"]
+    return diff, spread, abs(diff) > spread
+
+
+def differences(summary, baseline=BASELINE):
+    """{config: {task: {metric: {diff, spread, exceeds}}}} against the baseline (json)."""
+    if baseline not in summary:
+        return {}
+    out = OrderedDict()
+    for name, entry in summary.items():
+        if name == baseline:
+            continue
+        out[name] = {}
+        for task, _ in TASKS:
+            out[name][task] = {}
+            for m in METRICS:
+                c = compare(summary[baseline][task][m], entry[task][m])
+                out[name][task][m] = (
+                    None if c is None else {"diff": c[0], "spread": c[1], "exceeds": c[2]}
+                )
+    return out
+
+
+def compare_lines(summary, baseline=BASELINE):
+    """Markdown lines: every config against the baseline on APr, APc and APf (box and mask)."""
+    if baseline not in summary or len(summary) < 2:
+        return []
+    head = ["config"] + [f"{short} {m}" for _, short in TASKS for m in METRICS[1:]]
+    lines = [
+        "",
+        f"Difference to `{baseline}` (mean of config - mean of `{baseline}`), with the seed "
+        "spread (sum of the two standard deviations) in brackets; **bold** when the difference "
+        "exceeds the spread (the mean ± std intervals do not overlap).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| --- | " + " | ".join("---:" for _ in head[1:]) + " |",
+    ]
+    for name, entry in summary.items():
+        if name == baseline:
+            continue
+        cells = [f"`{name}`"]
+        for task, _ in TASKS:
+            for m in METRICS[1:]:
+                c = compare(summary[baseline][task][m], entry[task][m])
+                if c is None:
+                    cells.append("n/a")
+                    continue
+                diff, spread, exceeds = c
+                text = f"{diff:+.2f} ({spread:.2f})"
+                cells.append(f"**{text}**" if exceeds else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_groups(study, summary, path):
@@ -565,6 +629,7 @@ def write_outputs(study, runs):
         ),
         runs=rows,
         summary=summary,
+        differences=differences(summary),
     )
     with open(os.path.join(study.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
