@@ -236,9 +236,9 @@ def main(argv=None):
         results = [diagnose(r) for r in runs]
     except (ToolError, pf.ToolError) as e:
         sys.exit(f"error: {e}")
-    md = format_md(results)
+    command = shlex.join(["python", "tools/fasa_diagnostics.py"] + sys.argv[1:])
+    md = format_md(results) + f"\nCommand: `{command}`\n"
     print(md)
-    print("command: " + shlex.join(["python", "tools/fasa_diagnostics.py"] + sys.argv[1:]))
     for path, text in ((args.md, md), (args.json, json.dumps(results, indent=2))):
         if path:
             with open(path, "w", encoding="utf-8") as f:
