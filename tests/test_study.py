@@ -37,8 +37,10 @@ def run_study(args, env):
 
 
 def table_rows(path):
+    """Config names of the main table (not of the differences table under it)."""
     with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.startswith("| `")]
+        text = f.read().split("\nDifference to ")[0]
+    lines = [line for line in text.splitlines() if line.startswith("| `")]
     return [line.split("|")[1].strip().strip("`") for line in lines]
 
 
@@ -53,6 +55,10 @@ class TestLongTailStudy(unittest.TestCase):
         # Snapshots after each command: later tests run the study again on the same folder.
         cls.first = run_study(cls.args, cls.env)
         cls.first_files = cls.snapshot()
+        # A pristine copy for test_two_jobs_evaluate_side_by_side (other tests change self.out).
+        cls.jobs_out = os.path.join(cls.tmp, "jobs")
+        if cls.first.returncode == 0:
+            shutil.copytree(cls.out, cls.jobs_out)
         cls.second = run_study(cls.args, cls.env) if cls.first.returncode == 0 else None
         cls.second_files = cls.snapshot()
 
@@ -63,6 +69,8 @@ class TestLongTailStudy(unittest.TestCase):
             with open(os.path.join(cls.out, "results.json")) as f:
                 files["results"] = json.load(f)
             files["table"] = table_rows(os.path.join(cls.out, "table.md"))
+            with open(os.path.join(cls.out, "table.md")) as f:
+                files["table_text"] = f.read()
             with open(os.path.join(cls.out, "groups.png"), "rb") as f:
                 files["png"] = f.read(8)
             with open(os.path.join(cls.out, "runs", "ce", "seed0", "study_run.json")) as f:
@@ -93,10 +101,22 @@ class TestLongTailStudy(unittest.TestCase):
                 for key in ("AP", "APr", "APc", "APf"):
                     self.assertIn(key, x[task])
                 self.assertTrue(0.0 <= x[task]["AP"] <= 100.0)
+        # Rare classes with AP > 0, counted from the per-category CSVs of every run.
+        from fasa_seesaw.data.longtail_synth import SMOKE, spec_categories
+
+        num_rare = sum(c["frequency"] == "r" for c in spec_categories(SMOKE))
+        for x in runs:
+            for task in ("bbox", "segm"):
+                found, total = x["rare_classes_with_ap"][task]
+                self.assertEqual(total, num_rare)  # every rare class has val GT
+                self.assertTrue(0 <= found <= total)
         self.assertEqual(results["study"]["eval_dataset"], "longtail_synth_smoke_val")
         self.assertEqual(results["study"]["num_classes"], 12)  # read from the dataset
         self.assertEqual(set(results["summary"]), {"ce", "seesaw"})
         self.assertEqual(files["table"], ["ce", "seesaw"])
+        # One seed: the differences table is there, without spreads to compare against.
+        self.assertIn("Difference to `ce`", files["table_text"])
+        self.assertEqual(results["differences"]["seesaw"]["segm"]["APr"], None)
         self.assertEqual(files["png"], b"\x89PNG\r\n\x1a\n")
         # The short schedule reached train_net.py.
         self.assertIn("MAX_ITER: 6", files["config"])
@@ -136,8 +156,7 @@ class TestLongTailStudy(unittest.TestCase):
         # --jobs 2 on a copy of the trained study: both runs lack metrics, so both are evaluated,
         # at the same time, each with cpu_count // 2 threads.
         self.assertEqual(self.first.returncode, 0)
-        out = os.path.join(self.tmp, "jobs")
-        shutil.copytree(self.out, out)
+        out = self.jobs_out
         for name in ("ce", "seesaw"):
             shutil.rmtree(os.path.join(out, "runs", name, "seed0", "inference"))
         args = self.args[:]

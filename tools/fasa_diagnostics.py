@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plot_figures as pf  # noqa: E402  (its checkpoint readers; tools/ is not a package)
+from fasa_seesaw import ConfigError  # noqa: E402
 
 GROUPS = ("r", "c", "f")
 
@@ -77,8 +78,10 @@ def training_cfg(run_dir):
         if not os.path.isfile(saved):
             raise ToolError(f"{run_dir} has neither study_run.json nor config.yaml")
         cfg.merge_from_file(saved)
-        cfg.DATASETS.TRAIN = tuple(pf.metadata_dataset(n) for n in cfg.DATASETS.TRAIN)
-        cfg.MODEL.FASA.ADAPT.HELDOUT_DATASET = ""
+        bases = tuple(pf.metadata_dataset(n) for n in cfg.DATASETS.TRAIN)
+        if bases != tuple(cfg.DATASETS.TRAIN):  # train_net.py carved the split: carve it again
+            cfg.DATASETS.TRAIN = bases
+            cfg.MODEL.FASA.ADAPT.HELDOUT_DATASET = ""
     if not cfg.MODEL.FASA.ENABLED:
         raise ToolError(f"{run_dir} was trained without FASA (MODEL.FASA.ENABLED False)")
     configure_fasa_heldout(cfg)
@@ -89,6 +92,7 @@ def adaptation_exponents(ratio, passes, up=1.1, down=0.9, tol=1e-4):
     """
     For each class, (a, b) with ratio == up^a * down^b and a + b <= passes - 1, or None when no
     such pair exists (counts or the rule do not match). The first pass only sets the baseline.
+    The rule clamps p to [0, 1]; a class that reached 1 is not covered here (see diagnose).
     """
     out = []
     steps = max(passes - 1, 0)
@@ -130,7 +134,24 @@ def bank_self_accuracy(cfg, weights, mean, seen):
     return float((pred[idx] == idx).mean()) if idx.size else float("nan")
 
 
+def warmup_iters(cfg):
+    """MODEL.FASA.WARMUP_ITERS, with -1 resolved as the predictor does (one epoch)."""
+    from fasa_seesaw.data.counts import epoch_iterations
+
+    w = cfg.MODEL.FASA.WARMUP_ITERS
+    if w >= 0:
+        return w
+    return epoch_iterations(
+        cfg.DATASETS.TRAIN, cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    )
+
+
 def virtual_stats(run_dir, warmup):
+    """
+    Virtual features per step and how often loss_fasa > 0 after the warm-up, from metrics.json:
+    detectron2 writes one row every 20 iterations, the count as the latest value and the loss
+    as the median of the last 20 iterations.
+    """
     rows = []
     path = os.path.join(run_dir, "metrics.json")
     if os.path.isfile(path):
@@ -169,6 +190,7 @@ def diagnose(run_dir):
     freq = np.asarray(pf.category_info(cfg)["frequency"])
     a = cfg.MODEL.FASA.ADAPT
     exps = adaptation_exponents(probs / p0, bank["passes"], a.UP, a.DOWN)
+    clamped = probs >= 1.0 - 1e-6  # the rule's clamp at 1 ends the product form
     groups = bank["groups"]
     sizes = np.bincount(groups) if groups is not None else np.zeros(0, dtype=int)
     out = OrderedDict(
@@ -177,11 +199,12 @@ def diagnose(run_dir):
         num_classes=C,
         bank_nonneg=float((bank["mean"][bank["seen"]] >= 0).mean()),
         bank_self_acc=bank_self_accuracy(cfg, weights, bank["mean"], bank["seen"]),
-        **virtual_stats(run_dir, cfg.MODEL.FASA.WARMUP_ITERS),
+        **virtual_stats(run_dir, warmup_iters(cfg)),
         passes=bank["passes"],
         num_groups=int((sizes > 0).sum()),
         largest_group=int(sizes.max()) if sizes.size else 0,
-        counts_match_rule=int(sum(e is not None for e in exps)),
+        counts_match_rule=int(sum(e is not None or c for e, c in zip(exps, clamped))),
+        clamped_at_one=int(clamped.sum()),
         moved_up=int(sum(e is not None and e[0] > e[1] for e in exps)),
         moved_down=int(sum(e is not None and e[1] > e[0] for e in exps)),
         p_sum_init={g: float(p0[freq == g].sum()) for g in GROUPS},
@@ -230,12 +253,22 @@ def main(argv=None):
     try:
         runs = list(args.runs)
         if args.study:
+            if not os.path.isdir(os.path.join(args.study, "runs")):
+                raise ToolError(f"{args.study} is not a study folder (no runs/ in it)")
             runs += sorted(glob.glob(os.path.join(args.study, "runs", "fasa*", "seed*[0-9]")))
         if not runs:
             raise ToolError("no run folders given (pass run folders or --study)")
         results = [diagnose(r) for r in runs]
-    except (ToolError, pf.ToolError) as e:
+        for path in (args.md, args.json):
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise ToolError(f"the folder of {path} does not exist; create it first")
+    except (ToolError, pf.ToolError, ConfigError) as e:
         sys.exit(f"error: {e}")
+    except (KeyError, ValueError, OSError) as e:  # a dataset, record or file that is not there
+        sys.exit(
+            f"error: {type(e).__name__}: {e} (is the run folder complete and its dataset "
+            "registered?)"
+        )
     command = shlex.join(["python", "tools/fasa_diagnostics.py"] + sys.argv[1:])
     md = format_md(results) + f"\nCommand: `{command}`\n"
     print(md)

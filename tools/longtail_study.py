@@ -29,6 +29,7 @@ evaluation dataset of the current command.
 
 import argparse
 import concurrent.futures
+import csv
 import datetime
 import glob
 import json
@@ -321,8 +322,11 @@ class Run:
         rec = self.record()
         rec["attempts"].append(attempt)
         os.makedirs(self.dir, exist_ok=True)
-        with open(self.record_file, "w", encoding="utf-8") as f:
+        # Written to a temporary file and renamed: another thread may read it (--jobs).
+        tmp = self.record_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(rec, f, indent=2)
+        os.replace(tmp, self.record_file)
 
     def wall_times(self):
         """(training wall s, all attempts; eval-only wall s, successful ones on this dataset)."""
@@ -353,6 +357,24 @@ def load_metrics(path):
 
 # Child processes alive now, so an interrupt stops all of them (--jobs > 1).
 _LIVE = set()
+# Guards _LIVE and _STOP: once the study stops, no new child starts.
+_LIVE_LOCK = threading.Lock()
+_STOP = threading.Event()
+
+
+def stop_children(timeout=30.0):
+    """Stops every running child (terminate, then kill after `timeout`); no new one starts."""
+    with _LIVE_LOCK:
+        _STOP.set()
+        procs = list(_LIVE)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def thread_env(jobs):
@@ -380,16 +402,19 @@ def execute(run, action, progress, env=None):
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n===== {started} {action}: {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        _LIVE.add(proc)
+        with _LIVE_LOCK:
+            if _STOP.is_set():
+                return None  # the study is stopping: start nothing new
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
+            _LIVE.add(proc)
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -398,11 +423,11 @@ def execute(run, action, progress, env=None):
                     sys.stdout.flush()
             rc = proc.wait()
         except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
+            stop_children()
             raise
         finally:
-            _LIVE.discard(proc)
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
             run.add_attempt(
                 {
                     "action": action,
@@ -590,6 +615,24 @@ def plot_groups(study, summary, path):
     return path
 
 
+def rare_classes_with_ap(folder):
+    """
+    {task: [rare classes with AP > 0, rare classes with an AP]} from the per-category CSVs the
+    evaluation wrote next to lvis_metrics.json ({} when there are none).
+    """
+    out = {}
+    for task, _ in TASKS:
+        path = os.path.join(folder, f"per_category_ap_{task}.csv")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8", newline="") as f:
+            rare = [r["ap"] for r in csv.DictReader(f) if r.get("frequency") == "r"]
+        values = [float(v) for v in rare if v not in ("", "nan", "NaN")]
+        values = [v for v in values if not math.isnan(v)]
+        out[task] = [sum(v > 0 for v in values), len(values)]
+    return out
+
+
 def write_outputs(study, runs):
     rows = []
     for run in runs:
@@ -597,7 +640,10 @@ def write_outputs(study, runs):
         if path is None:
             continue
         train_s, eval_s = run.wall_times()
-        metrics = load_metrics(path)
+        try:
+            metrics = load_metrics(path)
+        except ValueError:  # still being written by a run evaluating now (--jobs): next time
+            continue
         row = OrderedDict(
             config=run.name,
             config_file=os.path.relpath(run.config_file, ROOT),
@@ -610,6 +656,7 @@ def write_outputs(study, runs):
         )
         for task, _ in TASKS:
             row[task] = metrics.get(task, {})
+        row["rare_classes_with_ap"] = rare_classes_with_ap(os.path.dirname(path))
         rows.append(row)
     summary = summarize(rows, study.configs)
     payload = OrderedDict(
@@ -779,10 +826,10 @@ def run_study(args):
                         break
                     except concurrent.futures.TimeoutError:
                         continue
-        except KeyboardInterrupt:
+        except BaseException:
+            # Ctrl-C or an error in a run's bookkeeping: queued runs must not go on running.
             pool.shutdown(wait=False, cancel_futures=True)
-            for proc in list(_LIVE):
-                proc.terminate()
+            stop_children()
             raise
         pool.shutdown()
     rows = write_outputs(study, study.runs)
