@@ -496,8 +496,7 @@ def format_table(study, summary):
         "LVIS AP (%), mean ± sample standard deviation over seeds (n = finished runs; no ± for "
         "a single run). min/run: wall minutes per run, evaluation included.",
         "",
-        "| " + " | ".join(head) + " |",
-        "| --- | " + " | ".join("---:" for _ in head[1:]) + " |",
+        *_md_head(head),
     ]
     for name, entry in summary.items():
         cells = [f"`{name}`", str(entry["n"])]
@@ -553,24 +552,28 @@ def compare_lines(summary, baseline=BASELINE):
         "spread (sum of the two standard deviations) in brackets; **bold** when the difference "
         "exceeds the spread (the mean ± std intervals do not overlap).",
         "",
-        "| " + " | ".join(head) + " |",
-        "| --- | " + " | ".join("---:" for _ in head[1:]) + " |",
+        *_md_head(head),
     ]
-    for name, entry in summary.items():
-        if name == baseline:
-            continue
+    for name, by_task in differences(summary, baseline).items():
         cells = [f"`{name}`"]
         for task, _ in TASKS:
             for m in METRICS[1:]:
-                c = compare(summary[baseline][task][m], entry[task][m])
+                c = by_task[task][m]
                 if c is None:
                     cells.append("n/a")
                     continue
-                diff, spread, exceeds = c
-                text = f"{diff:+.2f} ({spread:.2f})"
-                cells.append(f"**{text}**" if exceeds else text)
+                text = f"{c['diff']:+.2f} ({c['spread']:.2f})"
+                cells.append(f"**{text}**" if c["exceeds"] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _md_head(head):
+    """A markdown table's header and alignment rows: first column left, the rest right."""
+    return [
+        "| " + " | ".join(head) + " |",
+        "| --- | " + " | ".join("---:" for _ in head[1:]) + " |",
+    ]
 
 
 def plot_groups(study, summary, path):
