@@ -27,6 +27,7 @@ from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import inference_on_dataset, verify_results
+from detectron2.utils.logger import setup_logger
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.data import prepare_datasets
@@ -124,14 +125,10 @@ class Trainer(DefaultTrainer):
                     self.cfg.SOLVER.IMS_PER_BATCH,
                     self.cfg.MODEL.ROI_HEADS.NUM_CLASSES,
                 )
-            hook = FASAAdaptationHook(
+            hook = FASAAdaptationHook.from_config(
                 self.cfg,
                 fasa.ADAPT.HELDOUT_DATASET,
                 period,
-                clustering=fasa.ADAPT.CLUSTERING,
-                up=fasa.ADAPT.UP,
-                down=fasa.ADAPT.DOWN,
-                seed=fasa.ADAPT.SEED,
                 metric_fn=heldout_ap_fn(self.cfg) if fasa.ADAPT.SIGNAL == "metric" else None,
             )
             # Stateful: runs before the checkpointer so checkpoints hold the adapted state.
@@ -207,6 +204,7 @@ def check_output_dir(cfg, args):
 def main(args):
     cfg = setup(args)
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fasa_seesaw")
     check_config(cfg)
 
     if args.eval_only:

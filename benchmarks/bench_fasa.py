@@ -1140,7 +1140,7 @@ def part_pass(args, device, results):
         f"{args.pass_reps} reps after 1 warm-up, interleaved\n",
         flush=True,
     )
-    hook = FASAAdaptationHook(cfg, name, period=1, clustering=cfg.MODEL.FASA.ADAPT.CLUSTERING)
+    hook = FASAAdaptationHook.from_config(cfg, name, period=1)
     eval_detail = {}
     # quieten detectron2's per-pass logging, keep warnings
     setup_logger(name="detectron2", abbrev_name="d2")

@@ -1,11 +1,14 @@
 # Copyright (c) fasa_seesaw contributors.
 """FASA's adaptation: held-out split, clustering, and a validation pass that changes nothing."""
 
+import contextlib
 import numpy as np
 import os
+import random
 import tempfile
 import types
 import unittest
+from unittest import mock
 import torch
 
 from detectron2.config import get_cfg
@@ -18,6 +21,8 @@ from fasa_seesaw.data.datasets import register_lvis_json_dataset
 from fasa_seesaw.data.heldout import is_heldout, register_heldout_split
 from fasa_seesaw.data.longtail_synth import SMOKE, dataset_paths, ensure_generated
 from fasa_seesaw.engine import FASAAdaptationHook, cluster_classes, fasa_predictors
+from fasa_seesaw.engine.fasa_hook import meanshift_bandwidth
+from fasa_seesaw.engine.rng import get_rng_states, set_rng_states
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_fasa_seesaw_quickstart.yaml")
@@ -38,7 +43,53 @@ class TestClustering(unittest.TestCase):
         self.assertNotIn(groups[18], set(groups[:18]))  # unseen: a group of its own
 
     def test_meanshift(self):
-        self._check_two_blobs(cluster_classes(self.means, self.seen, "meanshift", 0))
+        # 73 of the 153 pairwise distances lie within a blob: a bandwidth at the 0.4 quantile
+        # joins each blob and keeps them apart.
+        self._check_two_blobs(
+            cluster_classes(self.means, self.seen, "meanshift", 0, bandwidth_quantile=0.4)
+        )
+        # A fixed bandwidth overrides the quantile: wider than the blobs' distance, one group.
+        groups = cluster_classes(self.means, self.seen, "meanshift", 0, bandwidth=100.0)
+        self.assertEqual(len(set(groups[:18])), 1)
+
+    def test_bandwidth_rule(self):
+        x = self.means[:18]
+        d = sorted(
+            float(np.sqrt(((x[i] - x[j]) ** 2).sum())) for i in range(18) for j in range(i + 1, 18)
+        )
+        for q in (0.05, 0.1, 0.5):
+            self.assertAlmostEqual(meanshift_bandwidth(x, 0.0, q), float(np.quantile(d, q)), 9)
+        self.assertEqual(meanshift_bandwidth(x, 2.5, 0.1), 2.5)
+        # A smaller quantile never gives fewer groups.
+        counts = [
+            len(set(cluster_classes(self.means, self.seen, "meanshift", 0, bandwidth_quantile=q)))
+            for q in (0.02, 0.1, 0.4)
+        ]
+        self.assertEqual(counts, sorted(counts, reverse=True))
+
+    def test_affinity_fallback_when_not_converged(self):
+        # Random points on which AffinityPropagation (damping 0.5) does not converge: class-wise
+        # groups and a warning naming the setting, instead of degenerate groups.
+        means = np.random.default_rng(0).normal(size=(162, 20))
+        seen = np.ones(162, bool)
+        with self.assertLogs("fasa_seesaw.engine.fasa_hook", "WARNING") as logs:
+            groups = cluster_classes(means, seen, "affinity", 0)
+        np.testing.assert_array_equal(groups, np.arange(162))
+        self.assertIn("AFFINITY_DAMPING", "\n".join(logs.output))
+        # Raising the damping, as the warning says, makes it converge into real groups.
+        groups = cluster_classes(means, seen, "affinity", 0, affinity_damping=0.9)
+        self.assertLess(len(set(groups)), 162)
+
+    def test_affinity_reference_is_the_official_call(self):
+        from sklearn.cluster import AffinityPropagation
+
+        m = self.means
+        distance = ((m[:, None, :] - m[None, :, :]) ** 2).sum(-1)
+        labels = AffinityPropagation(random_state=1, affinity="precomputed").fit(distance).labels_
+        groups = cluster_classes(m, self.seen, "affinity_reference", 1)
+        expected = [{i for i, v in enumerate(labels) if v == k} for k in set(labels)]
+        got = [set(np.flatnonzero(groups == g)) for g in set(groups)]
+        self.assertEqual(sorted(map(sorted, got)), sorted(map(sorted, expected)))
 
     def test_affinity_given_similarities(self):
         # The number of exemplars depends on AP's preference; what must hold is that no group
@@ -51,6 +102,48 @@ class TestClustering(unittest.TestCase):
         np.testing.assert_array_equal(cluster_classes(self.means, self.seen, "none", 0), range(19))
         with self.assertRaisesRegex(ConfigError, "CLUSTERING"):
             cluster_classes(self.means, self.seen, "kmeans", 0)
+
+
+def assert_same_rng_states(test, a, b):
+    test.assertEqual(set(a), set(b))
+    test.assertEqual(a["python"], b["python"])
+    for x, y in zip(a["numpy"], b["numpy"]):  # (kind, keys, position, has_gauss, cached)
+        test.assertTrue(np.array_equal(x, y))
+    test.assertTrue(torch.equal(a["torch"], b["torch"]))
+    for name in set(a) - {"python", "numpy", "torch"}:
+        test.assertEqual(len(a[name]), len(b[name]))
+        for x, y in zip(a[name], b[name]):
+            test.assertTrue(torch.equal(x, y), name)
+
+
+class TestRNGStates(unittest.TestCase):
+    def test_every_generator_is_restored(self):
+        from fasa_seesaw.engine.rng import preserved_rng_states
+
+        before = get_rng_states()
+        with preserved_rng_states():
+            random.random()
+            np.random.rand()
+            torch.rand(1)
+            for i in range(torch.cuda.device_count()):
+                torch.rand(1, device=f"cuda:{i}")
+            inside = get_rng_states()
+        self.assertNotEqual(before["python"], inside["python"])
+        self.assertFalse(torch.equal(before["torch"], inside["torch"]))
+        assert_same_rng_states(self, before, get_rng_states())
+
+    @unittest.skipIf(not torch.cuda.is_available(), "no CUDA device")
+    def test_cuda_generators_are_captured(self):
+        from fasa_seesaw.engine.rng import preserved_rng_states
+
+        before = torch.cuda.get_rng_state_all()
+        self.assertIn("cuda", get_rng_states())
+        with preserved_rng_states():
+            for i in range(torch.cuda.device_count()):
+                torch.randn(8, device=f"cuda:{i}")
+            self.assertFalse(torch.equal(before[0], torch.cuda.get_rng_state_all()[0]))
+        for x, y in zip(before, torch.cuda.get_rng_state_all()):
+            self.assertTrue(torch.equal(x, y))
 
 
 class TestHeldout(unittest.TestCase):
@@ -117,7 +210,7 @@ class TestValidationPass(unittest.TestCase):
     def test_pass_changes_no_statistic(self):
         model = self.model
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        rng = torch.get_rng_state()
+        rng = get_rng_states()
         hook = FASAAdaptationHook(self.cfg, "test_fasa_pass_val", period=1)
         predictors, stats = hook.validation_losses(model)
         self.assertEqual(len(predictors), 1)
@@ -127,10 +220,45 @@ class TestValidationPass(unittest.TestCase):
         after = model.state_dict()
         for k, v in before.items():
             self.assertTrue(torch.equal(v, after[k]), k)
-        self.assertTrue(torch.equal(rng, torch.get_rng_state()))
+        assert_same_rng_states(self, rng, get_rng_states())
         self.assertTrue(model.training)
         self.assertTrue(all(m.training for m in model.modules()))
         self.assertIsNone(predictors[0].val_collect)
+        self.assertFalse(predictors[0].fasa_bank.frozen)
+
+    def test_augment_switch(self):
+        # AUGMENT False: the held-out images are the same whatever the generators' state;
+        # AUGMENT True: the training augmentations (random flip) apply, as in the reference.
+        def first_images(augment):
+            hook = FASAAdaptationHook(self.cfg, "test_fasa_pass_val", period=1, augment=augment)
+            loader = hook._build_loader()
+            images = []
+            for seed in range(8):
+                np.random.seed(seed)
+                images.append(next(iter(loader))[0]["image"])
+            return images
+
+        plain = first_images(False)
+        self.assertTrue(all(torch.equal(plain[0], x) for x in plain))
+        augmented = first_images(True)
+        self.assertFalse(all(torch.equal(augmented[0], x) for x in augmented))
+
+    def test_pass_draws_from_generators_it_restores(self):
+        # Without the restore, the pass would move numpy's generator (the test-size resize draws
+        # from it in the main process) and torch's (RoI sampling): the restore is needed.
+        from fasa_seesaw.engine import fasa_hook
+
+        hook = FASAAdaptationHook(self.cfg, "test_fasa_pass_val", period=1)
+        rng = get_rng_states()
+        with mock.patch.object(fasa_hook, "preserved_rng_states", contextlib.nullcontext):
+            hook.validation_losses(self.model)
+        moved = get_rng_states()
+        set_rng_states(rng)
+        self.assertNotEqual(
+            (rng["numpy"][1].tolist(), rng["numpy"][2]),
+            (moved["numpy"][1].tolist(), moved["numpy"][2]),
+        )
+        self.assertFalse(torch.equal(rng["torch"], moved["torch"]))
 
     def test_adapt_moves_probabilities_by_group_loss(self):
         model = self.model
@@ -142,11 +270,14 @@ class TestValidationPass(unittest.TestCase):
             hook.adapt()  # first pass: nothing to compare with
             torch.testing.assert_close(pred.fasa_probs, torch.full((12,), 0.5))
             sums, counts = hook.prev[0]
-            seen = counts > 0
-            # Pretend the previous pass was worse for even classes and better for odd ones.
+            self.assertEqual(len(sums), 13)  # 12 classes + background
+            self.assertGreater(counts[12], 0)  # background RoIs are counted
+            seen = counts[:12] > 0
+            # Pretend the previous pass was worse for even classes and better for odd ones
+            # (classes without RoIs: the same zero both times).
             prev_sums = sums.copy()
-            prev_sums[0::2] = sums[0::2] * 2 + 1
-            prev_sums[1::2] = sums[1::2] * 0.5
+            prev_sums[0:12:2] = np.where(seen[0::2], sums[0:12:2] * 2 + 1, 0.0)
+            prev_sums[1:12:2] = sums[1:12:2] * 0.5
             hook.prev = [(prev_sums, counts)]
             hook.adapt()
             logged = storage.latest()
@@ -159,7 +290,8 @@ class TestValidationPass(unittest.TestCase):
             elif sums[c] > 0:
                 self.assertAlmostEqual(p[c], 0.45, places=6)
         self.assertEqual(hook.passes, 2)
-        self.assertIn("fasa/num_groups", logged)
+        self.assertEqual(logged["fasa/num_groups"][0], 12.0)
+        self.assertEqual(logged["fasa/largest_group"][0], 1.0)
         state = hook.state_dict()
         fresh = FASAAdaptationHook(self.cfg, "test_fasa_pass_val", period=1)
         fresh.load_state_dict(state)

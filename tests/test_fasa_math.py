@@ -32,7 +32,7 @@ def batches(seed=0, n_batches=5, n=12):
     return out
 
 
-def numpy_ema(batch_list, momentum):
+def numpy_ema(batch_list, momentum, ddof=1):
     mean, var = np.zeros((C, D)), np.zeros((C, D))
     seen = np.zeros(C, bool)
     for feats, labels in batch_list:
@@ -40,7 +40,7 @@ def numpy_ema(batch_list, momentum):
             x = feats[labels == c].astype(np.float64)
             if len(x) == 0:
                 continue
-            bm, bv = x.mean(0), x.var(0)
+            bm, bv = x.mean(0), (x.var(0, ddof=ddof) if len(x) > ddof else np.zeros(D))
             if not seen[c]:
                 mean[c], var[c], seen[c] = bm, bv, True
             else:
@@ -49,14 +49,15 @@ def numpy_ema(batch_list, momentum):
     return mean, var, seen
 
 
-def numpy_exact(batch_list):
+def numpy_exact(batch_list, ddof=1):
     feats = np.concatenate([f for f, _ in batch_list]).astype(np.float64)
     labels = np.concatenate([lab for _, lab in batch_list])
     mean, var = np.zeros((C, D)), np.zeros((C, D))
     for c in range(C):
         x = feats[labels == c]
         if len(x):
-            mean[c], var[c] = x.mean(0), x.var(0)
+            mean[c] = x.mean(0)
+            var[c] = x.var(0, ddof=ddof) if len(x) > ddof else 0.0
     return mean, var
 
 
@@ -67,21 +68,41 @@ class TestFeatureBank(unittest.TestCase):
 
     def test_ema_matches_numpy(self):
         data = batches()
-        bank = ClassFeatureBank(C, D, mode="ema", momentum=0.1)
-        self._feed(bank, data)
-        mean, var, seen = numpy_ema(data, 0.1)
-        np.testing.assert_allclose(bank.mean.numpy(), mean, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(bank.var.numpy(), var, rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(bank.seen.numpy(), seen)
+        for variance, ddof in (("sample", 1), ("population", 0)):
+            with self.subTest(variance=variance):
+                bank = ClassFeatureBank(C, D, mode="ema", momentum=0.1, variance=variance)
+                self._feed(bank, data)
+                mean, var, seen = numpy_ema(data, 0.1, ddof)
+                np.testing.assert_allclose(bank.mean.numpy(), mean, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(bank.var.numpy(), var, rtol=1e-6, atol=1e-6)
+                np.testing.assert_array_equal(bank.seen.numpy(), seen)
+
+    def test_population_variance_is_narrower_by_the_n_factor(self):
+        # One batch with two features of class 0: sample variance is twice the population one.
+        x = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, -2.0]])
+        labels = torch.tensor([0, 0])
+        sample = ClassFeatureBank(C, D, variance="sample")
+        population = ClassFeatureBank(C, D, variance="population")
+        sample.update(x, labels)
+        population.update(x, labels)
+        torch.testing.assert_close(sample.var[0], torch.tensor([2.0, 0.0, 8.0]))
+        torch.testing.assert_close(population.var[0], torch.tensor([1.0, 0.0, 4.0]))
+        with self.assertRaisesRegex(ConfigError, "BANK_VARIANCE"):
+            ClassFeatureBank(C, D, variance="unbiased")
 
     def test_exact_matches_numpy_and_ignores_batching(self):
         data = batches(seed=1)
-        bank = ClassFeatureBank(C, D, mode="exact")
+        for variance, ddof in (("sample", 1), ("population", 0)):
+            with self.subTest(variance=variance):
+                self._check_exact(data, variance, ddof)
+
+    def _check_exact(self, data, variance, ddof):
+        bank = ClassFeatureBank(C, D, mode="exact", variance=variance)
         self._feed(bank, data)
-        mean, var = numpy_exact(data)
-        np.testing.assert_allclose(bank.mean.numpy(), mean, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(bank.var.numpy(), var, rtol=1e-5, atol=1e-5)
-        one = ClassFeatureBank(C, D, mode="exact")
+        mean, var = numpy_exact(data, ddof)
+        np.testing.assert_allclose(bank.mean.numpy(), mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(bank.var.numpy(), var, rtol=1e-6, atol=1e-6)
+        one = ClassFeatureBank(C, D, mode="exact", variance=variance)
         feats = np.concatenate([f for f, _ in data])
         labels = np.concatenate([lab for _, lab in data])
         one.update(torch.from_numpy(feats), torch.from_numpy(labels))
@@ -92,10 +113,12 @@ class TestFeatureBank(unittest.TestCase):
         bank = ClassFeatureBank(C, D)
         bank.update(torch.ones(2, D), torch.tensor([1, C]))
         self.assertEqual(bank.seen.tolist(), [False, True, False, False])
-        bank.frozen = True
-        bank.update(torch.zeros(2, D), torch.tensor([1, 3]))
+        with bank.paused():
+            bank.update(torch.zeros(2, D), torch.tensor([1, 3]))
         self.assertEqual(bank.seen.tolist(), [False, True, False, False])
         torch.testing.assert_close(bank.mean[1], torch.ones(D))
+        bank.update(torch.zeros(2, D), torch.tensor([1, 3]))  # not paused any more
+        self.assertEqual(bank.seen.tolist(), [False, True, False, True])
 
     def test_state_dict_has_statistics(self):
         bank = ClassFeatureBank(C, D)
@@ -110,10 +133,13 @@ def _bank_worker(rank, world, init_file, mode, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         bank = ClassFeatureBank(C, D, mode=mode)
+        own = ClassFeatureBank(C, D, mode=mode, sync=False)
         for feats, labels in batches(seed=3):
             half = slice(rank * 6, rank * 6 + 6)
             bank.update(torch.from_numpy(feats[half]), torch.from_numpy(labels[half]))
+            own.update(torch.from_numpy(feats[half]), torch.from_numpy(labels[half]))
         torch.save(bank.state_dict(), f"{out}.{rank}")
+        torch.save(own.state_dict(), f"{out}.own.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -125,12 +151,24 @@ class TestFeatureBankDistributed(unittest.TestCase):
                 out = os.path.join(d, "bank")
                 mp.spawn(_bank_worker, args=(2, os.path.join(d, "init"), mode, out), nprocs=2)
                 states = [torch.load(f"{out}.{r}") for r in range(2)]
+                own = [torch.load(f"{out}.own.{r}") for r in range(2)]
             single = ClassFeatureBank(C, D, mode=mode)
             for feats, labels in batches(seed=3):
                 single.update(torch.from_numpy(feats), torch.from_numpy(labels))
             for s in states:
                 for k in ("mean", "var", "count"):
                     torch.testing.assert_close(s[k], single.state_dict()[k], rtol=1e-5, atol=1e-5)
+            # SYNC False: each process's bank is the bank of its own half only.
+            for r in range(2):
+                half = ClassFeatureBank(C, D, mode=mode)
+                for feats, labels in batches(seed=3):
+                    sl = slice(r * 6, r * 6 + 6)
+                    half.update(torch.from_numpy(feats[sl]), torch.from_numpy(labels[sl]))
+                for k in ("mean", "var", "count"):
+                    torch.testing.assert_close(
+                        own[r][k], half.state_dict()[k], rtol=1e-6, atol=1e-6
+                    )
+            self.assertFalse(torch.equal(own[0]["mean"], own[1]["mean"]))
 
 
 class TestVirtualFeatures(unittest.TestCase):

@@ -66,7 +66,7 @@ class TestFASAPredictor(unittest.TestCase):
         with EventStorage(0):
             pred.losses(pred(x), proposals(gt))
         torch.testing.assert_close(pred.fasa_bank.mean[0], x[:2].mean(0))
-        torch.testing.assert_close(pred.fasa_bank.var[0], x[:2].var(0, unbiased=False))
+        torch.testing.assert_close(pred.fasa_bank.var[0], x[:2].var(0, unbiased=True))
         torch.testing.assert_close(pred.fasa_bank.mean[3], x[2])
         self.assertEqual(pred.fasa_bank.seen.tolist(), [True, True, False, True, False])
 
@@ -170,7 +170,20 @@ class TestFASAPredictor(unittest.TestCase):
             check_config(cfg)
         cfg.MODEL.FASA.BANK_MODE = "ema"
         check_config(cfg)
-        for key, value in (("HELDOUT_FRACTION", 1.0), ("CLUSTERING", "kmeans"), ("SIGNAL", "ap")):
+        cfg.MODEL.FASA.BANK_VARIANCE = "unbiased"
+        with self.assertRaisesRegex(ConfigError, "BANK_VARIANCE"):
+            check_config(cfg)
+        cfg.MODEL.FASA.BANK_VARIANCE = "population"
+        check_config(cfg)
+        for key, value in (
+            ("HELDOUT_FRACTION", 1.0),
+            ("CLUSTERING", "kmeans"),
+            ("SIGNAL", "ap"),
+            ("GROUP_SIGNAL", "mean"),
+            ("BANDWIDTH", -1.0),
+            ("BANDWIDTH_QUANTILE", 0.0),
+            ("AFFINITY_DAMPING", 1.0),
+        ):
             good = getattr(cfg.MODEL.FASA.ADAPT, key)
             setattr(cfg.MODEL.FASA.ADAPT, key, value)
             with self.assertRaisesRegex(ConfigError, key):

@@ -47,7 +47,11 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.FASA.BANK_MODE = "ema"
     # EMA momentum: mu <- m * batch_mean + (1 - m) * mu.
     _C.MODEL.FASA.BANK_MOMENTUM = 0.1
-    # All-reduce bank statistics so every process holds the same bank.
+    # Bank variance: "sample" (the reference: squared deviations / (n - 1), n > 1) or
+    # "population" (/ n: narrower virtual features for classes seen a few times per batch).
+    _C.MODEL.FASA.BANK_VARIANCE = "sample"
+    # All-reduce bank statistics so every process holds the same bank; False: one bank per
+    # process from its own RoIs, as the reference keeps one per GPU.
     _C.MODEL.FASA.SYNC = True
     # Initial draw probabilities: "inverse_frequency" (training instance counts) or "uniform".
     _C.MODEL.FASA.INIT_PROBS = "inverse_frequency"
@@ -60,18 +64,33 @@ def add_fasa_seesaw_config(cfg):
     # Registered dataset for the pass. "": carve HELDOUT_FRACTION of DATASETS.TRAIN out of
     # training (the default: adapting on the evaluation split, as the reference does, leaks it).
     _C.MODEL.FASA.ADAPT.HELDOUT_DATASET = ""
+    # Held-out images with the training augmentations (random scale, flip), as the reference's
+    # pass; False: test-size, un-augmented, so passes differ only by the model.
+    _C.MODEL.FASA.ADAPT.AUGMENT = False
     # Fraction of training images held out when carving, chosen by hashing (SEED, image id).
     _C.MODEL.FASA.ADAPT.HELDOUT_FRACTION = 0.1
     # Seed of the held-out carve and of the clustering.
     _C.MODEL.FASA.ADAPT.SEED = 0
-    # Class grouping: "meanshift" (paper), "affinity" (reference, given similarities) or
-    # "none" (class-wise).
+    # Class grouping: "meanshift" (the paper's), "affinity" (AffinityPropagation given
+    # similarities, as it expects), "affinity_reference" (the official code's call: given squared
+    # distances of all classes' means) or "none" (class-wise).
     _C.MODEL.FASA.ADAPT.CLUSTERING = "meanshift"
-    # p *= UP for a group whose validation loss fell, p *= DOWN for one whose loss rose.
+    # MeanShift bandwidth: > 0 a fixed value; 0 the BANDWIDTH_QUANTILE of the pairwise distances
+    # between the seen classes' bank means (scale-free, so it carries across datasets).
+    _C.MODEL.FASA.ADAPT.BANDWIDTH = 0.0
+    _C.MODEL.FASA.ADAPT.BANDWIDTH_QUANTILE = 0.1
+    # AffinityPropagation damping in [0.5, 1); raise it when it does not converge (a
+    # non-converged run falls back to class-wise groups with a warning).
+    _C.MODEL.FASA.ADAPT.AFFINITY_DAMPING = 0.5
+    # A group's loss: "reference" (per-class loss sums / all sampled RoIs of the pass, background
+    # included, summed over the group: moves with the foreground share of the RoIs) or
+    # "mean_per_roi" (the group's mean loss per foreground RoI: insensitive to that share).
+    _C.MODEL.FASA.ADAPT.GROUP_SIGNAL = "reference"
     # Adaptation signal: "loss" (per-class validation classification loss, cheap) or "metric"
     # (per-category box AP from inference + LVIS evaluation on the held-out set; supplement
-    # Table 3: slightly better, much more costly).
+    # Table 3: slightly better, much more costly; groups compare their mean AP).
     _C.MODEL.FASA.ADAPT.SIGNAL = "loss"
+    # p *= UP for a group whose validation loss fell, p *= DOWN for one whose loss rose.
     _C.MODEL.FASA.ADAPT.UP = 1.1
     _C.MODEL.FASA.ADAPT.DOWN = 0.9
 

@@ -4,6 +4,8 @@
 from detectron2.data import MetadataCatalog
 
 from ..errors import ConfigError
+from ..modeling.fasa_feature_bank import VARIANCES
+from ..modeling.fasa_sampling import GROUP_SIGNALS
 from ..modeling.seesaw_loss import check_seesaw_params
 
 __all__ = ["check_config"]
@@ -66,6 +68,8 @@ def check_eval(e):
 
 
 def check_fasa(c):
+    from .fasa_hook import CLUSTERING
+
     problems = []
     if c.BANK_MODE not in ("ema", "exact"):
         problems.append(f"MODEL.FASA.BANK_MODE {c.BANK_MODE!r} is unknown: use 'ema' or 'exact'")
@@ -78,10 +82,31 @@ def check_fasa(c):
         problems.append(f"MODEL.FASA.BANK_MOMENTUM must lie in (0, 1], got {c.BANK_MOMENTUM}")
     if c.SAMPLES_PER_CLASS < 1:
         problems.append(f"MODEL.FASA.SAMPLES_PER_CLASS must be >= 1, got {c.SAMPLES_PER_CLASS}")
-    if c.ADAPT.CLUSTERING not in ("meanshift", "affinity", "none"):
+    if c.BANK_VARIANCE not in VARIANCES:
         problems.append(
-            f"MODEL.FASA.ADAPT.CLUSTERING {c.ADAPT.CLUSTERING!r} is unknown: use 'meanshift', "
-            "'affinity' or 'none'"
+            f"MODEL.FASA.BANK_VARIANCE {c.BANK_VARIANCE!r} is unknown: use one of {list(VARIANCES)}"
+        )
+    if c.ADAPT.CLUSTERING not in CLUSTERING:
+        problems.append(
+            f"MODEL.FASA.ADAPT.CLUSTERING {c.ADAPT.CLUSTERING!r} is unknown: use one of "
+            f"{list(CLUSTERING)}"
+        )
+    if c.ADAPT.GROUP_SIGNAL not in GROUP_SIGNALS:
+        problems.append(
+            f"MODEL.FASA.ADAPT.GROUP_SIGNAL {c.ADAPT.GROUP_SIGNAL!r} is unknown: use one of "
+            f"{list(GROUP_SIGNALS)}"
+        )
+    if c.ADAPT.BANDWIDTH < 0 or (
+        c.ADAPT.BANDWIDTH == 0 and not 0.0 < c.ADAPT.BANDWIDTH_QUANTILE <= 1.0
+    ):
+        problems.append(
+            "MODEL.FASA.ADAPT.BANDWIDTH must be > 0 (fixed) or 0 with BANDWIDTH_QUANTILE in "
+            f"(0, 1]; got {c.ADAPT.BANDWIDTH} and {c.ADAPT.BANDWIDTH_QUANTILE}"
+        )
+    if not 0.5 <= c.ADAPT.AFFINITY_DAMPING < 1.0:
+        problems.append(
+            "MODEL.FASA.ADAPT.AFFINITY_DAMPING must lie in [0.5, 1), got "
+            f"{c.ADAPT.AFFINITY_DAMPING}"
         )
     if c.ADAPT.SIGNAL not in ("loss", "metric"):
         problems.append(

@@ -6,9 +6,10 @@ by clustering their feature means, and each group's draw probability moved up if
 and down if it rose.
 """
 
+import contextlib
 import logging
 import numpy as np
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
@@ -20,13 +21,15 @@ from detectron2.utils.events import EventStorage
 
 from ..errors import ConfigError
 from ..modeling.fasa_fast_rcnn import FASAFastRCNNOutputLayers
-from ..modeling.fasa_sampling import adapt_probabilities
+from ..modeling.fasa_sampling import GROUP_SIGNALS, adapt_probabilities
+from ..modeling.fasa_sampling import group_signal as fasa_group_signal
+from .rng import preserved_rng_states
 
-__all__ = ["FASAAdaptationHook", "cluster_classes", "fasa_predictors"]
+__all__ = ["FASAAdaptationHook", "cluster_classes", "fasa_predictors", "meanshift_bandwidth"]
 
 logger = logging.getLogger(__name__)
 
-CLUSTERING = ("meanshift", "affinity", "none")
+CLUSTERING = ("meanshift", "affinity", "affinity_reference", "none")
 
 
 def fasa_predictors(model) -> List[FASAFastRCNNOutputLayers]:
@@ -36,13 +39,39 @@ def fasa_predictors(model) -> List[FASAFastRCNNOutputLayers]:
     ]
 
 
-def cluster_classes(means: np.ndarray, seen: np.ndarray, method: str, seed: int) -> np.ndarray:
+def meanshift_bandwidth(x: np.ndarray, bandwidth: float = 0.0, quantile: float = 0.1) -> float:
     """
-    Group ids (C,) from the class feature means. Unseen classes get a group of their own each.
+    MeanShift's bandwidth: ``bandwidth`` when it is positive, else the ``quantile`` of the
+    pairwise Euclidean distances between the rows of ``x`` (the seen classes' means).
+    """
+    if bandwidth > 0:
+        return float(bandwidth)
+    sq = (x * x).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    iu = np.triu_indices(len(x), k=1)
+    return float(np.quantile(np.sqrt(np.maximum(d2[iu], 0.0)), quantile))
 
-    "meanshift": the paper's choice, bandwidth estimated from the data with a fixed seed.
-    "affinity": the reference's AffinityPropagation, given similarities (negative squared
-    distances) as it expects, not distances. "none": class-wise adaptation.
+
+def cluster_classes(
+    means: np.ndarray,
+    seen: np.ndarray,
+    method: str,
+    seed: int,
+    *,
+    bandwidth: float = 0.0,
+    bandwidth_quantile: float = 0.1,
+    affinity_damping: float = 0.5,
+) -> np.ndarray:
+    """
+    Group ids (C,) from the class feature means.
+
+    "meanshift" (the paper's choice): MeanShift on the seen classes' means with the bandwidth of
+    :func:`meanshift_bandwidth`. "affinity": AffinityPropagation on the seen classes' means,
+    given similarities (negative squared distances) as it expects; if it does not converge,
+    class-wise groups and a warning. "affinity_reference": the official code's call, unchanged:
+    AffinityPropagation given the squared distances of all C means (unseen ones are zero) as if
+    they were similarities. "none": class-wise adaptation. Except in "affinity_reference",
+    unseen classes get a group of their own each.
     """
     C = means.shape[0]
     if method not in CLUSTERING:
@@ -50,40 +79,85 @@ def cluster_classes(means: np.ndarray, seen: np.ndarray, method: str, seed: int)
             f"MODEL.FASA.ADAPT.CLUSTERING {method!r} is unknown; use one of {list(CLUSTERING)}."
         )
     groups = np.arange(C)
+    if method == "affinity_reference":
+        x = means.astype(np.float64)
+        sq = (x * x).sum(1)
+        distance = sq[:, None] - 2.0 * (x @ x.T) + sq[None, :]
+        labels, converged = _affinity(distance, seed, 0.5)
+        if not converged:
+            logger.warning(
+                "FASA: AffinityPropagation on distances (CLUSTERING affinity_reference) did not "
+                "converge; its groups are used as returned, as the official code does."
+            )
+        return _number_groups(labels)
     idx = np.flatnonzero(seen)
     if method == "none" or len(idx) < 2:
         return groups
     x = means[idx].astype(np.float64)
     if method == "meanshift":
-        from sklearn.cluster import MeanShift, estimate_bandwidth
+        from sklearn.cluster import MeanShift
 
-        bandwidth = estimate_bandwidth(x, quantile=0.3, random_state=seed)
-        if not bandwidth > 0:
+        bw = meanshift_bandwidth(x, bandwidth, bandwidth_quantile)
+        if not bw > 0:
+            logger.warning("FASA: all seen class means coincide; class-wise groups this pass.")
             return groups
-        labels = MeanShift(bandwidth=bandwidth).fit_predict(x)
+        labels = MeanShift(bandwidth=bw).fit_predict(x)
     else:
-        from sklearn.cluster import AffinityPropagation
-
         sim = -((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
-        labels = AffinityPropagation(affinity="precomputed", random_state=seed).fit_predict(sim)
-        if (labels < 0).any():  # did not converge: fall back to class-wise
+        labels, converged = _affinity(sim, seed, affinity_damping)
+        if not converged:
+            logger.warning(
+                "FASA: AffinityPropagation did not converge (damping %.2f); class-wise groups "
+                "this pass. Raise MODEL.FASA.ADAPT.AFFINITY_DAMPING (e.g. 0.9), or set "
+                "MODEL.FASA.ADAPT.CLUSTERING meanshift.",
+                affinity_damping,
+            )
             return groups
     groups = np.full(C, -1, dtype=np.int64)
-    groups[idx] = labels
+    groups[idx] = _number_groups(labels)
     unseen = np.flatnonzero(groups < 0)
-    groups[unseen] = labels.max() + 1 + np.arange(len(unseen))
+    groups[unseen] = groups.max() + 1 + np.arange(len(unseen))
     return groups
 
 
+def _affinity(matrix, seed, damping):
+    """AffinityPropagation labels on a precomputed matrix, and whether it converged."""
+    import warnings
+    from sklearn.cluster import AffinityPropagation
+    from sklearn.exceptions import ConvergenceWarning
+
+    ap = AffinityPropagation(affinity="precomputed", damping=damping, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        labels = ap.fit_predict(matrix)
+    converged = (
+        not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        and ap.n_iter_ < ap.max_iter
+        and (labels >= 0).all()
+    )
+    return labels, converged
+
+
+def _number_groups(labels):
+    """Consecutive group ids 0..G-1; a negative label (no cluster) becomes a group of its own."""
+    labels = np.asarray(labels).copy()
+    neg = np.flatnonzero(labels < 0)
+    labels[neg] = labels.max(initial=-1) + 1 + np.arange(len(neg))
+    return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 class _FrozenStatistics:
-    """Inside: FASA banks and Seesaw counts refuse updates, BatchNorm uses running stats, and the
-    torch RNG state is restored afterwards, so the pass leaves training exactly as it was."""
+    """Inside: FASA banks and Seesaw counts refuse updates, every predictor collects its
+    validation losses, BatchNorm uses running stats, and every random-number generator (python,
+    numpy, torch CPU and each accelerator's) is restored afterwards, so the pass leaves training
+    exactly as it was."""
 
     def __init__(self, model, predictors):
         self.model, self.predictors = model, predictors
 
     def __enter__(self):
-        self.rng = torch.get_rng_state()
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(preserved_rng_states())
         self.norms = [
             m
             for m in self.model.modules()
@@ -91,22 +165,12 @@ class _FrozenStatistics:
         ]
         for m in self.norms:
             m.eval()
-        for p in self.predictors:
-            p.fasa_bank.frozen = True
-            n = p.num_classes + 1
-            p.val_collect = (
-                torch.zeros(n, dtype=torch.float64, device=p.fasa_probs.device),
-                torch.zeros(n, dtype=torch.float64, device=p.fasa_probs.device),
-            )
+        self.stack.callback(lambda: [m.train() for m in self.norms])
+        self.collected = [self.stack.enter_context(p.collect_val_losses()) for p in self.predictors]
         return self
 
     def __exit__(self, *exc):
-        for m in self.norms:
-            m.train()
-        for p in self.predictors:
-            p.fasa_bank.frozen = False
-            p.val_collect = None
-        torch.set_rng_state(self.rng)
+        return self.stack.__exit__(*exc)
 
 
 class FASAAdaptationHook(HookBase):
@@ -117,6 +181,11 @@ class FASAAdaptationHook(HookBase):
         period: int,
         *,
         clustering: str = "meanshift",
+        group_signal: str = "reference",
+        bandwidth: float = 0.0,
+        bandwidth_quantile: float = 0.1,
+        affinity_damping: float = 0.5,
+        augment: bool = False,
         up: float = 1.1,
         down: float = 0.9,
         seed: int = 0,
@@ -124,6 +193,12 @@ class FASAAdaptationHook(HookBase):
     ):
         """
         Args:
+            group_signal: how a group's loss is formed from the per-class sums
+                (:func:`fasa_seesaw.modeling.fasa_sampling.group_signal`).
+            bandwidth, bandwidth_quantile, affinity_damping: clustering settings
+                (:func:`cluster_classes`).
+            augment: give the held-out images the training augmentations (the reference's
+                choice) instead of the deterministic test-size resize.
             metric_fn: with it, the signal is a metric instead of the loss: ``metric_fn(model)``
                 returns per-class scores (higher is better, NaN where undefined) on the held-out
                 set, identical on every process; a group whose mean score rose gets p *= up.
@@ -131,27 +206,58 @@ class FASAAdaptationHook(HookBase):
         """
         if clustering not in CLUSTERING:
             cluster_classes(np.zeros((1, 1)), np.zeros(1, bool), clustering, seed)  # raises
+        if group_signal not in GROUP_SIGNALS:
+            fasa_group_signal(np.zeros(1), np.zeros(1), np.zeros(1, int), group_signal)  # raises
         self.cfg = cfg.clone() if cfg is not None else None
         self.dataset = heldout_dataset
         self.period = period
         self.clustering, self.up, self.down, self.seed = clustering, up, down, seed
+        self.group_signal = group_signal
+        self.augment = augment
+        self.cluster_kwargs = dict(
+            bandwidth=bandwidth,
+            bandwidth_quantile=bandwidth_quantile,
+            affinity_damping=affinity_damping,
+        )
         self.metric_fn = metric_fn
         self.passes = 0
-        # Per predictor: the previous pass's per-class loss sums and counts.
-        self.prev: Optional[List[np.ndarray]] = None
+        # Per predictor: the previous pass's per-class loss sums and RoI counts (C + 1 each,
+        # background last), kept per class and regrouped with the current groups.
+        self.prev: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None
         self.groups: Optional[List[np.ndarray]] = None
         self._loader = None
 
+    @classmethod
+    def from_config(cls, cfg, heldout_dataset, period, metric_fn=None):
+        a = cfg.MODEL.FASA.ADAPT
+        return cls(
+            cfg,
+            heldout_dataset,
+            period,
+            clustering=a.CLUSTERING,
+            group_signal=a.GROUP_SIGNAL,
+            bandwidth=a.BANDWIDTH,
+            bandwidth_quantile=a.BANDWIDTH_QUANTILE,
+            affinity_damping=a.AFFINITY_DAMPING,
+            augment=a.AUGMENT,
+            up=a.UP,
+            down=a.DOWN,
+            seed=a.SEED,
+            metric_fn=metric_fn,
+        )
+
     def _build_loader(self):
         cfg = self.cfg
-        # Ground truth kept (is_train=True), but test-size resizing and no flip.
-        mapper = DatasetMapper(
-            cfg,
-            is_train=True,
-            augmentations=[
-                T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
-            ],
-        )
+        if self.augment:  # the training augmentations (random scale and flip), as the reference
+            mapper = DatasetMapper(cfg, is_train=True)
+        else:  # ground truth kept (is_train=True), but test-size resizing and no flip
+            mapper = DatasetMapper(
+                cfg,
+                is_train=True,
+                augmentations=[
+                    T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+                ],
+            )
         return build_detection_test_loader(DatasetCatalog.get(self.dataset), mapper=mapper)
 
     def after_step(self):
@@ -161,18 +267,21 @@ class FASAAdaptationHook(HookBase):
 
     @torch.no_grad()
     def validation_losses(self, model):
-        """Per predictor, (loss sums, counts) per class over the held-out set, all processes."""
+        """
+        Per predictor, (loss sums, RoI counts) per class over the held-out set, all processes:
+        float64 arrays of length C + 1, background RoIs counted in the last slot.
+        """
         predictors = fasa_predictors(model)
         if self._loader is None:
             self._loader = self._build_loader()
         # A throwaway EventStorage: scalars the model logs on held-out data stay out of the
         # training metrics.
-        with _FrozenStatistics(model, predictors), EventStorage():
+        with _FrozenStatistics(model, predictors) as frozen, EventStorage():
             for inputs in self._loader:
                 model(inputs)
             out = []
-            for p in predictors:
-                sums, counts = (t[: p.num_classes].clone() for t in p.val_collect)
+            for sums, counts in frozen.collected:
+                sums, counts = sums.clone(), counts.clone()
                 if comm.get_world_size() > 1:
                     dist.all_reduce(sums)
                     dist.all_reduce(counts)
@@ -182,14 +291,18 @@ class FASAAdaptationHook(HookBase):
     def metric_signal(self, model):
         """The metric as (sums, counts) of a loss: -score per class, count 1 where defined."""
         predictors = fasa_predictors(model)
-        rng = torch.get_rng_state()
-        try:
+        with preserved_rng_states():
             score = np.asarray(self.metric_fn(model), dtype=np.float64)
-        finally:
-            torch.set_rng_state(rng)
         defined = np.isfinite(score)
-        stat = (np.where(defined, -score, 0.0), defined.astype(np.float64))
+        stat = (
+            np.append(np.where(defined, -score, 0.0), 0.0),
+            np.append(defined.astype(np.float64), 0.0),
+        )
         return predictors, [stat for _ in predictors]
+
+    def _signal_mode(self):
+        # A metric is compared by its mean over the group's classes with a defined value.
+        return "mean_per_roi" if self.metric_fn is not None else self.group_signal
 
     def adapt(self):
         model = self.trainer.model
@@ -197,6 +310,16 @@ class FASAAdaptationHook(HookBase):
             predictors, stats = self.metric_signal(model)
         else:
             predictors, stats = self.validation_losses(model)
+        self.apply(predictors, stats, self.trainer.storage)
+
+    def apply(self, predictors, stats, storage=None):
+        """
+        One adaptation step from one pass's statistics: group the classes of each predictor,
+        compare each group's value with the previous pass's (regrouped with the current groups)
+        and move its probabilities. ``stats``: per predictor, (loss sums, RoI counts) per class,
+        C + 1 entries with the background last (:meth:`validation_losses`). Scalars go to
+        ``storage`` when one is given.
+        """
         groups = []
         for p in predictors:
             g = None
@@ -206,35 +329,51 @@ class FASAAdaptationHook(HookBase):
                     p.fasa_bank.seen.cpu().numpy(),
                     self.clustering,
                     self.seed,
+                    **self.cluster_kwargs,
                 )
             groups.append(_broadcast(g))
-        storage = self.trainer.storage
+        mode = self._signal_mode()
         for k, (p, (sums, counts), g) in enumerate(zip(predictors, stats, groups)):
-            cur = _group_mean(sums, counts, g)
-            prev = None if self.prev is None else _group_mean(*self.prev[k], g)
+            cur = fasa_group_signal(sums, counts, g, mode)
+            prev = None if self.prev is None else fasa_group_signal(*self.prev[k], g, mode)
             new = adapt_probabilities(p.fasa_probs.cpu().numpy(), g, cur, prev, self.up, self.down)
             p.fasa_probs.copy_(torch.as_tensor(new, dtype=p.fasa_probs.dtype))
             prefix = f"fasa/stage{k}/" if len(predictors) > 1 else "fasa/"
             self._log(storage, prefix, new, g, cur, sums, counts)
+        stats = [(np.asarray(s, np.float64), np.asarray(c, np.float64)) for s, c in stats]
         self.prev = [(s, c) for s, c in stats]
         self.groups = groups
         self.passes += 1
 
-    def _log(self, storage, prefix, probs, groups, group_loss, sums, counts):
-        storage.put_scalar(
-            prefix + "num_groups", float(len(np.unique(groups))), smoothing_hint=False
+    def _log(self, storage, prefix, probs, groups, group_value, sums, counts):
+        sizes = np.bincount(groups)
+        sizes = sizes[sizes > 0]
+        logger.info(
+            "FASA adaptation pass %d (%s): %d groups, the largest with %d of %d classes",
+            self.passes + 1,
+            prefix.rstrip("/"),
+            len(sizes),
+            sizes.max(),
+            len(groups),
         )
+        if storage is None:
+            return
+        storage.put_scalar(prefix + "num_groups", float(len(sizes)), smoothing_hint=False)
+        storage.put_scalar(prefix + "largest_group", float(sizes.max()), smoothing_hint=False)
+        C = len(groups)
         name = "val_loss" if self.metric_fn is None else "val_neg_ap"
         storage.put_scalar(
-            prefix + name, float(sums.sum() / max(counts.sum(), 1)), smoothing_hint=False
+            prefix + name,
+            float(sums[:C].sum() / max(counts[:C].sum(), 1)),
+            smoothing_hint=False,
         )
         for g in np.unique(groups)[:32]:
             storage.put_scalar(
                 prefix + f"p_group{g}", float(probs[groups == g].mean()), smoothing_hint=False
             )
-            if np.isfinite(group_loss[g]):
+            if np.isfinite(group_value[g]):
                 storage.put_scalar(
-                    prefix + f"{name}_group{g}", float(group_loss[g]), smoothing_hint=False
+                    prefix + f"{name}_group{g}", float(group_value[g]), smoothing_hint=False
                 )
 
     # Checkpoints are read with torch.load(weights_only=True): tensors and plain Python only.
@@ -251,14 +390,15 @@ class FASAAdaptationHook(HookBase):
         prev, groups = state["prev"], state["groups"]
         self.prev = None if prev is None else [(s.numpy(), c.numpy()) for s, c in prev]
         self.groups = None if groups is None else [g.numpy() for g in groups]
-
-
-def _group_mean(sums, counts, groups):
-    G = int(groups.max()) + 1
-    s = np.bincount(groups, weights=sums, minlength=G)
-    n = np.bincount(groups, weights=counts, minlength=G)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, s / np.maximum(n, 1e-12), np.nan)
+        if self.prev is not None and self.groups is not None:
+            if any(len(s) == len(g) for (s, _), g in zip(self.prev, self.groups)):
+                # Saved before the background count was kept (C entries, not C + 1): the next
+                # pass sets a new baseline instead of comparing against an incomparable one.
+                logger.warning(
+                    "FASA: the checkpoint's previous validation pass has no background count; "
+                    "the next pass starts a new baseline."
+                )
+                self.prev = None
 
 
 def _broadcast(obj):

@@ -4,6 +4,7 @@ FastRCNNOutputLayers with FASA (Zang et al., ICCV 2021): a per-class bank of cla
 features of positive RoIs, and virtual features drawn from it that train the classifier only.
 """
 
+import contextlib
 import logging
 from typing import Callable, Optional
 import torch
@@ -44,14 +45,14 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         Args:
             fasa (dict or None): keys loss_weight, samples_per_class, clamp_min_zero,
-                warmup_iters, bank_mode, bank_momentum, sync, init_probs, and
+                warmup_iters, bank_mode, bank_momentum, bank_variance, sync, init_probs, and
                 ``instance_counts`` (a callable returning per-class training instance counts).
             kwargs: as in :class:`FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
         self.fasa = None
-        # (loss sums, counts) per class + background slot while FASA's validation pass
-        # collects; None otherwise.
+        # (loss sums, RoI counts) per class + background slot while FASA's validation pass
+        # collects (see collect_val_losses); None otherwise.
         self.val_collect = None
         if fasa is None:
             return
@@ -75,6 +76,7 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
             mode=self.fasa["bank_mode"],
             momentum=self.fasa["bank_momentum"],
             sync=self.fasa["sync"],
+            variance=self.fasa.get("bank_variance", "sample"),
         )
         self.register_buffer("fasa_probs", torch.full((self.num_classes,), 1.0 / self.num_classes))
         self.register_buffer("fasa_probs_initialized", torch.zeros((), dtype=torch.bool))
@@ -122,6 +124,28 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
             )
         return F.cross_entropy(scores.float(), gt_classes, reduction="none")
 
+    @contextlib.contextmanager
+    def collect_val_losses(self):
+        """
+        Inside, training forwards add each sampled RoI's classification loss and count to
+        per-class tensors, update no statistic and return no loss. Yields ``(sums, counts)``,
+        float64 of length C + 1: ``counts`` counts every sampled RoI, background in slot C (the
+        reference's normaliser); ``sums`` holds the foreground losses (slot C stays 0: the
+        background loss enters no group).
+        """
+        n = self.num_classes + 1
+        device = self.cls_score.weight.device
+        collected = (
+            torch.zeros(n, dtype=torch.float64, device=device),
+            torch.zeros(n, dtype=torch.float64, device=device),
+        )
+        self.val_collect = collected
+        try:
+            with self.fasa_bank.paused():
+                yield collected
+        finally:
+            self.val_collect = None
+
     def _collect_val_loss(self, scores, proposals):
         C = self.num_classes
         if not len(proposals):
@@ -129,10 +153,9 @@ class FASAFastRCNNOutputLayers(FastRCNNOutputLayers):
         gt = cat([p.gt_classes for p in proposals], dim=0)
         is_fg = gt < C
         per_roi = self.per_roi_cls_loss(scores, gt).float() * is_fg
-        slot = torch.where(is_fg, gt, torch.full_like(gt, C))
         sums, counts = self.val_collect
-        sums.index_add_(0, slot, per_roi.to(sums.dtype))
-        counts.index_add_(0, slot, is_fg.to(counts.dtype))
+        sums.index_add_(0, gt, per_roi.to(sums.dtype))
+        counts.index_add_(0, gt, torch.ones_like(gt, dtype=counts.dtype))
 
     def virtual_cls_loss(self, logits, labels, weight):
         """
@@ -198,6 +221,7 @@ def fasa_config(cfg) -> dict:
         "warmup_iters": c.WARMUP_ITERS,
         "bank_mode": c.BANK_MODE,
         "bank_momentum": c.BANK_MOMENTUM,
+        "bank_variance": c.BANK_VARIANCE,
         "sync": c.SYNC,
         "init_probs": c.INIT_PROBS,
         "instance_counts": lambda: instance_counts_of(names, num_classes),

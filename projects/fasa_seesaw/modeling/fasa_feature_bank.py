@@ -5,17 +5,21 @@ feature of positive RoIs.
 
 Two modes:
 - "ema" (the reference's): on a class's first sighting the batch statistics are copied; after
-  that mu <- m * batch_mean + (1 - m) * mu and likewise for the within-batch (population)
-  variance, m = momentum (0.1).
-- "exact": the running population mean and variance of every feature seen so far, merged batch
-  by batch with Chan et al.'s parallel update, so the result does not depend on how the data was
-  split into batches or processes.
+  that mu <- m * batch_mean + (1 - m) * mu and likewise for the batch variance, m = momentum (0.1).
+- "exact": the running mean and variance of every feature seen so far, merged batch by batch with
+  Chan et al.'s parallel update, so the result does not depend on how the data was split into
+  batches or processes.
+
+The variance is the sample variance by default, as the reference's ``fa_update_push`` takes it:
+sum of squared deviations / (n - 1) for n > 1, and 0 for n = 1 (per batch in "ema", over all
+features in "exact"). ``variance="population"`` divides by n instead.
 
 Statistics are persistent buffers (they travel with checkpoints) and, with ``sync``, per-class
 sums are all-reduced before the update so every process holds the same bank. Everything is
 vectorised with ``index_add_``: no per-class Python loop and no host-device sync.
 """
 
+import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,6 +29,7 @@ from ..errors import ConfigError
 __all__ = ["ClassFeatureBank"]
 
 _MODES = ("ema", "exact")
+VARIANCES = ("sample", "population")
 
 
 def _world_size():
@@ -40,12 +45,18 @@ class ClassFeatureBank(nn.Module):
         mode: str = "ema",
         momentum: float = 0.1,
         sync: bool = True,
+        variance: str = "sample",
     ):
         super().__init__()
         if mode not in _MODES:
             raise ConfigError(
                 f"FASA feature bank mode {mode!r} is unknown; use one of {list(_MODES)} "
                 "(MODEL.FASA.BANK_MODE)."
+            )
+        if variance not in VARIANCES:
+            raise ConfigError(
+                f"FASA feature bank variance {variance!r} is unknown; use one of {list(VARIANCES)} "
+                "(MODEL.FASA.BANK_VARIANCE)."
             )
         if not 0.0 < momentum <= 1.0:
             raise ConfigError(f"FASA bank momentum must lie in (0, 1]; got {momentum}.")
@@ -54,6 +65,7 @@ class ClassFeatureBank(nn.Module):
         self.mode = mode
         self.momentum = float(momentum)
         self.sync = sync
+        self.variance = variance
         self.frozen = False
         self.register_buffer("mean", torch.zeros(num_classes, feature_dim))
         self.register_buffer("var", torch.zeros(num_classes, feature_dim))
@@ -64,6 +76,22 @@ class ClassFeatureBank(nn.Module):
     @property
     def seen(self) -> torch.Tensor:
         return self.count > 0
+
+    def _ddof(self) -> int:
+        return 1 if self.variance == "sample" else 0
+
+    def _var(self, m2, n):
+        """Variance from the sum of squared deviations m2 of n features; 0 where n <= ddof."""
+        return m2 / (n - self._ddof()).clamp(min=1)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside, :meth:`update` changes nothing (FASA's validation pass uses this)."""
+        frozen, self.frozen = self.frozen, True
+        try:
+            yield self
+        finally:
+            self.frozen = frozen
 
     def _batch_sums(self, features, labels):
         """Per-class n, sum; background (label == num_classes) goes to a dropped slot."""
@@ -89,7 +117,8 @@ class ClassFeatureBank(nn.Module):
         """
         if self.frozen:
             return
-        x = features.detach().float()
+        # float64 arithmetic, float32 storage: the statistics carry no accumulation error.
+        x = features.detach().double()
         C = self.num_classes
         n, s = self._batch_sums(x, labels)
         self._all_reduce(n, s)
@@ -100,11 +129,11 @@ class ClassFeatureBank(nn.Module):
         m2.index_add_(0, labels.long(), centred * centred)
         self._all_reduce(m2)
         n, batch_mean, m2 = n[:C], batch_mean[:C], m2[:C]
-        batch_var = m2 / n.clamp(min=1)[:, None]
+        batch_var = self._var(m2, n[:, None])
         present = (n > 0)[:, None]
         first = present & ~self.seen[:, None]
 
-        mean, var = self.mean.float(), self.var.float()
+        mean, var = self.mean.double(), self.var.double()
         if self.mode == "ema":
             m = self.momentum
             new_mean = torch.where(first, batch_mean, (1 - m) * mean + m * batch_mean)
@@ -115,8 +144,10 @@ class ClassFeatureBank(nn.Module):
             total = (na + nb).clamp(min=1)
             delta = batch_mean - mean
             new_mean = mean + delta * nb / total
-            new_m2 = var * na + m2 + delta * delta * na * nb / total
-            new_var = new_m2 / total
+            # var * (na - ddof) recovers the stored features' m2 (0 when na <= ddof: var is 0).
+            m2_a = var * (na - self._ddof()).clamp(min=0)
+            new_m2 = m2_a + m2 + delta * delta * na * nb / total
+            new_var = self._var(new_m2, na + nb)
         self.mean.copy_(torch.where(present, new_mean, mean))
         self.var.copy_(torch.where(present, new_var, var))
         self.count += n.round().long()
@@ -124,5 +155,5 @@ class ClassFeatureBank(nn.Module):
     def extra_repr(self):
         return (
             f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, mode={self.mode}, "
-            f"momentum={self.momentum}, sync={self.sync}"
+            f"momentum={self.momentum}, variance={self.variance}, sync={self.sync}"
         )

@@ -13,8 +13,11 @@ from ..errors import ConfigError
 __all__ = [
     "initial_probabilities",
     "sample_virtual_features",
+    "group_signal",
     "adapt_probabilities",
 ]
+
+GROUP_SIGNALS = ("reference", "mean_per_roi")
 
 
 def initial_probabilities(instance_counts: Sequence[float], mode: str = "inverse_frequency"):
@@ -93,6 +96,46 @@ def sample_virtual_features(
     return feats.reshape(n * k, D), labels, weight
 
 
+def group_signal(sums, counts, groups, mode: str = "reference") -> np.ndarray:
+    """
+    One validation value per group from the per-class sums of a validation pass.
+
+    Args:
+        sums: (C + 1,) or (C,) per-class sums of the per-RoI classification loss (slot C, the
+            background, is never part of a group).
+        counts: same length: sampled RoIs per class; with C + 1 entries slot C counts the
+            background RoIs.
+        groups: (C,) group id per class.
+        mode: "reference" (the official code's ``dynamic_sampling``): each class's loss sum
+            divided by the total number of RoIs of the pass, background included, summed over
+            the group's classes; a group without RoIs has value 0. "mean_per_roi": the group's
+            loss sum divided by its number of foreground RoIs (NaN without any), which does not
+            move when only the foreground share of the sampled RoIs changes.
+
+    Returns:
+        (G,) float64, G = groups.max() + 1.
+    """
+    groups = np.asarray(groups)
+    C = len(groups)
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    G = int(groups.max()) + 1 if C else 0
+    s = np.bincount(groups, weights=sums[:C], minlength=G)
+    if mode == "reference":
+        total = counts.sum()
+        if not total > 0:
+            return np.full(G, np.nan)
+        return s / total
+    if mode == "mean_per_roi":
+        n = np.bincount(groups, weights=counts[:C], minlength=G)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, s / np.maximum(n, 1e-12), np.nan)
+    raise ConfigError(
+        f"FASA group signal {mode!r} is unknown; use one of {list(GROUP_SIGNALS)} "
+        "(MODEL.FASA.ADAPT.GROUP_SIGNAL)."
+    )
+
+
 def adapt_probabilities(
     probs: np.ndarray,
     groups: np.ndarray,
@@ -103,13 +146,15 @@ def adapt_probabilities(
 ) -> np.ndarray:
     """
     FASA's adaptation rule: for each group g, if its validation loss fell since the last pass,
-    p *= up for all its classes; if it rose, p *= down; then clamp to [0, 1]. With no previous
-    pass (or a group with no validation samples, NaN loss) the probabilities stay.
+    p *= up for all its classes; if it rose, p *= down; if it is equal, p stays; then clamp to
+    [0, 1]. With no previous pass (or a NaN value: a group without samples under
+    "mean_per_roi") the probabilities stay.
 
     Args:
         probs: (C,) current probabilities.
         groups: (C,) group id per class (class-wise mode: groups = arange(C)).
-        group_loss, prev_group_loss: (G,) mean validation classification loss per group.
+        group_loss, prev_group_loss: (G,) validation value per group of this pass and of the
+            previous one, both computed with the current groups (:func:`group_signal`).
     """
     probs = np.asarray(probs, dtype=np.float64).copy()
     if prev_group_loss is None:
