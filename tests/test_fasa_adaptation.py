@@ -226,6 +226,29 @@ class TestValidationPass(unittest.TestCase):
         self.assertIsNone(predictors[0].val_collect)
         self.assertFalse(predictors[0].fasa_bank.frozen)
 
+    @unittest.skipIf(not torch.cuda.is_available(), "no CUDA device")
+    def test_pass_restores_cuda_generators(self):
+        # On an accelerator detectron2 samples RoIs with the device's generator: the pass must
+        # leave it (and every other generator) where it was.
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = "cuda"
+        model = build_model(cfg)
+        model.load_state_dict(self.model.state_dict())
+        model.train()
+        hook = FASAAdaptationHook(cfg, "test_fasa_pass_val", period=1)
+        before = get_rng_states()
+        self.assertIn("cuda", before)
+        hook.validation_losses(model)
+        assert_same_rng_states(self, before, get_rng_states())
+        from fasa_seesaw.engine import fasa_hook
+
+        with mock.patch.object(fasa_hook, "preserved_rng_states", contextlib.nullcontext):
+            hook.validation_losses(model)
+        moved = torch.cuda.get_rng_state_all()
+        set_rng_states(before)
+        self.assertFalse(all(torch.equal(a, b) for a, b in zip(before["cuda"], moved)))
+
     def test_augment_switch(self):
         # AUGMENT False: the held-out images are the same whatever the generators' state;
         # AUGMENT True: the training augmentations (random flip) apply, as in the reference.

@@ -78,7 +78,7 @@ def add_fasa_seesaw_config(cfg):
     # MeanShift bandwidth: > 0 a fixed value; 0 the BANDWIDTH_QUANTILE of the pairwise distances
     # between the seen classes' bank means (scale-free, so it carries across datasets).
     _C.MODEL.FASA.ADAPT.BANDWIDTH = 0.0
-    _C.MODEL.FASA.ADAPT.BANDWIDTH_QUANTILE = 0.1
+    _C.MODEL.FASA.ADAPT.BANDWIDTH_QUANTILE = 0.05
     # AffinityPropagation damping in [0.5, 1); raise it when it does not converge (a
     # non-converged run falls back to class-wise groups with a warning).
     _C.MODEL.FASA.ADAPT.AFFINITY_DAMPING = 0.5

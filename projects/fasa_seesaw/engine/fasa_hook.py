@@ -39,7 +39,7 @@ def fasa_predictors(model) -> List[FASAFastRCNNOutputLayers]:
     ]
 
 
-def meanshift_bandwidth(x: np.ndarray, bandwidth: float = 0.0, quantile: float = 0.1) -> float:
+def meanshift_bandwidth(x: np.ndarray, bandwidth: float = 0.0, quantile: float = 0.05) -> float:
     """
     MeanShift's bandwidth: ``bandwidth`` when it is positive, else the ``quantile`` of the
     pairwise Euclidean distances between the rows of ``x`` (the seen classes' means).
@@ -59,7 +59,7 @@ def cluster_classes(
     seed: int,
     *,
     bandwidth: float = 0.0,
-    bandwidth_quantile: float = 0.1,
+    bandwidth_quantile: float = 0.05,
     affinity_damping: float = 0.5,
 ) -> np.ndarray:
     """
@@ -183,7 +183,7 @@ class FASAAdaptationHook(HookBase):
         clustering: str = "meanshift",
         group_signal: str = "reference",
         bandwidth: float = 0.0,
-        bandwidth_quantile: float = 0.1,
+        bandwidth_quantile: float = 0.05,
         affinity_damping: float = 0.5,
         augment: bool = False,
         up: float = 1.1,
