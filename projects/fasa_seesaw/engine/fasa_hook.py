@@ -156,17 +156,18 @@ class _FrozenStatistics:
         self.model, self.predictors = model, predictors
 
     def __enter__(self):
-        self.stack = contextlib.ExitStack()
-        self.stack.enter_context(preserved_rng_states())
-        self.norms = [
-            m
-            for m in self.model.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training
-        ]
-        for m in self.norms:
-            m.eval()
-        self.stack.callback(lambda: [m.train() for m in self.norms])
-        self.collected = [self.stack.enter_context(p.collect_val_losses()) for p in self.predictors]
+        with contextlib.ExitStack() as stack:  # undone at once if entering fails part-way
+            stack.enter_context(preserved_rng_states())
+            self.norms = [
+                m
+                for m in self.model.modules()
+                if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training
+            ]
+            for m in self.norms:
+                m.eval()
+            stack.callback(lambda: [m.train() for m in self.norms])
+            self.collected = [stack.enter_context(p.collect_val_losses()) for p in self.predictors]
+            self.stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
