@@ -86,10 +86,47 @@ class TestClustering(unittest.TestCase):
         m = self.means
         distance = ((m[:, None, :] - m[None, :, :]) ** 2).sum(-1)
         labels = AffinityPropagation(random_state=1, affinity="precomputed").fit(distance).labels_
-        groups = cluster_classes(m, self.seen, "affinity_reference", 1)
+        groups = cluster_classes(m.astype(np.float32), self.seen, "affinity_reference", 0)
         expected = [{i for i, v in enumerate(labels) if v == k} for k in set(labels)]
         got = [set(np.flatnonzero(groups == g)) for g in set(groups)]
         self.assertEqual(sorted(map(sorted, got)), sorted(map(sorted, expected)))
+
+    def test_affinity_reference_without_clusters_moves_nothing(self):
+        # scikit-learn labels every point -1 when it finds no exemplar; the official code then
+        # has no group and changes no probability that pass, but keeps the pass as baseline.
+        from fasa_seesaw.engine import fasa_hook
+
+        with mock.patch.object(fasa_hook, "_affinity", return_value=(np.full(19, -1), False)):
+            groups = cluster_classes(self.means, self.seen, "affinity_reference", 0)
+        np.testing.assert_array_equal(groups, np.full(19, -1))
+        pred = types.SimpleNamespace(
+            fasa_bank=types.SimpleNamespace(
+                mean=torch.from_numpy(self.means).float(), seen=torch.from_numpy(self.seen)
+            ),
+            fasa_probs=torch.full((19,), 0.5),
+        )
+        hook = FASAAdaptationHook(None, "unused", period=1, clustering="affinity_reference")
+        counts = np.ones(20)
+        hook.apply([pred], [(np.ones(20), counts)])
+        with mock.patch.object(fasa_hook, "_affinity", return_value=(np.full(19, -1), False)):
+            hook.apply([pred], [(np.full(20, 5.0), counts)])  # every loss rose
+        torch.testing.assert_close(pred.fasa_probs, torch.full((19,), 0.5))
+        self.assertEqual(hook.prev[0][0][0], 5.0)
+        hook.apply([pred], [(np.ones(20), counts)])  # compared with that pass: losses fell
+        self.assertTrue(bool((pred.fasa_probs[:18] > 0.5).any()))
+
+    def test_old_hook_state_starts_a_new_baseline(self):
+        # Saved before the background count was kept: C-length arrays, not C + 1.
+        hook = FASAAdaptationHook(None, "unused", period=1)
+        old = {
+            "passes": 2,
+            "prev": [(torch.ones(19, dtype=torch.float64), torch.ones(19, dtype=torch.float64))],
+            "groups": [torch.arange(19)],
+        }
+        with self.assertLogs("fasa_seesaw.engine.fasa_hook", "WARNING"):
+            hook.load_state_dict(old)
+        self.assertIsNone(hook.prev)
+        self.assertEqual(hook.passes, 2)
 
     def test_affinity_given_similarities(self):
         # The number of exemplars depends on AP's preference; what must hold is that no group
@@ -102,6 +139,17 @@ class TestClustering(unittest.TestCase):
         np.testing.assert_array_equal(cluster_classes(self.means, self.seen, "none", 0), range(19))
         with self.assertRaisesRegex(ConfigError, "CLUSTERING"):
             cluster_classes(self.means, self.seen, "kmeans", 0)
+
+
+class _RecordingLoader:
+    """A loader with no images that records the numpy draw a mapper would make first."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def __iter__(self):
+        self.seen.append(float(np.random.rand()))
+        return iter(())
 
 
 def assert_same_rng_states(test, a, b):
@@ -120,6 +168,8 @@ class TestRNGStates(unittest.TestCase):
     def test_every_generator_is_restored(self):
         from fasa_seesaw.engine.rng import preserved_rng_states
 
+        if torch.cuda.is_available():
+            torch.cuda.init()  # generators of an uninitialised device are not tracked
         before = get_rng_states()
         with preserved_rng_states():
             random.random()
@@ -262,6 +312,16 @@ class TestValidationPass(unittest.TestCase):
             return images
 
         plain = first_images(False)
+        # With AUGMENT, each pass seeds the draws from (SEED, pass number): passes differ, and
+        # the same pass number repeats its draws (as after a resume).
+        hook = FASAAdaptationHook(self.cfg, "test_fasa_pass_val", period=1, augment=True)
+        seen = []
+        with mock.patch.object(hook, "_build_loader", return_value=_RecordingLoader(seen)):
+            for passes in (0, 1, 0):
+                hook.passes = passes
+                hook.validation_losses(self.model)
+        self.assertNotEqual(seen[0], seen[1])
+        self.assertEqual(seen[0], seen[2])
         self.assertTrue(all(torch.equal(plain[0], x) for x in plain))
         augmented = first_images(True)
         self.assertFalse(all(torch.equal(augmented[0], x) for x in augmented))

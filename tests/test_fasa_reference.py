@@ -162,8 +162,6 @@ class TestAgainstOfficialRules(unittest.TestCase):
         self.assertEqual(bank.seen.tolist(), (ref.feature_used > 0).tolist())
         np.testing.assert_allclose(bank.mean.numpy(), ref.feature_mean.numpy(), **TOL)
         np.testing.assert_allclose(bank.var.numpy(), ref.feature_std.numpy(), **TOL)
-        # The n = 2 first sighting really is the sample variance (not population / 2 of it).
-        self.assertTrue(bool((ref.feature_std[4] > 0).all()))
 
     def test_collection_matches_counter_loss(self):
         pred = make_predictor([0.1] * C)
@@ -235,7 +233,8 @@ class TestAgainstOfficialRules(unittest.TestCase):
             labels = labels.labels_
             return [[i for i, v in enumerate(labels) if v == k] for k in range(max(labels) + 1)]
 
-        self._drive("affinity_reference", 1, official_groups)
+        # The hook's seed (ADAPT.SEED, 0 here) is not the official call's random_state.
+        self._drive("affinity_reference", 0, official_groups)
 
 
 class TestGroupSignal(unittest.TestCase):

@@ -69,18 +69,20 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.FASA.ADAPT.AUGMENT = False
     # Fraction of training images held out when carving, chosen by hashing (SEED, image id).
     _C.MODEL.FASA.ADAPT.HELDOUT_FRACTION = 0.1
-    # Seed of the held-out carve and of the clustering.
+    # Seed of the held-out carve, of AffinityPropagation ("affinity") and of AUGMENT's
+    # per-pass draws ("affinity_reference" always uses the official random_state 1).
     _C.MODEL.FASA.ADAPT.SEED = 0
     # Class grouping: "meanshift" (the paper's), "affinity" (AffinityPropagation given
     # similarities, as it expects), "affinity_reference" (the official code's call: given squared
     # distances of all classes' means) or "none" (class-wise).
     _C.MODEL.FASA.ADAPT.CLUSTERING = "meanshift"
-    # MeanShift bandwidth: > 0 a fixed value; 0 the BANDWIDTH_QUANTILE of the pairwise distances
-    # between the seen classes' bank means (scale-free, so it carries across datasets).
+    # MeanShift bandwidth: > 0 a fixed value; 0 the BANDWIDTH_QUANTILE below.
     _C.MODEL.FASA.ADAPT.BANDWIDTH = 0.0
+    # Quantile of the pairwise distances between the seen classes' bank means (scale-free);
+    # 0.05 was chosen on the study's val split (docs/fasa.md).
     _C.MODEL.FASA.ADAPT.BANDWIDTH_QUANTILE = 0.05
-    # AffinityPropagation damping in [0.5, 1); raise it when it does not converge (a
-    # non-converged run falls back to class-wise groups with a warning).
+    # AffinityPropagation damping in [0.5, 1) for CLUSTERING "affinity"; raise it when it does not
+    # converge (a non-converged pass falls back to class-wise groups with a warning).
     _C.MODEL.FASA.ADAPT.AFFINITY_DAMPING = 0.5
     # A group's loss: "reference" (per-class loss sums / all sampled RoIs of the pass, background
     # included, summed over the group: moves with the foreground share of the RoIs) or

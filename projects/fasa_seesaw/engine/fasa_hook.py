@@ -9,6 +9,7 @@ and down if it rose.
 import contextlib
 import logging
 import numpy as np
+import random
 from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
@@ -30,6 +31,8 @@ __all__ = ["FASAAdaptationHook", "cluster_classes", "fasa_predictors", "meanshif
 logger = logging.getLogger(__name__)
 
 CLUSTERING = ("meanshift", "affinity", "affinity_reference", "none")
+# The official code's AffinityPropagation random_state.
+REFERENCE_AFFINITY_SEED = 1
 
 
 def fasa_predictors(model) -> List[FASAFastRCNNOutputLayers]:
@@ -80,10 +83,18 @@ def cluster_classes(
         )
     groups = np.arange(C)
     if method == "affinity_reference":
-        x = means.astype(np.float64)
-        sq = (x * x).sum(1)
-        distance = sq[:, None] - 2.0 * (x @ x.T) + sq[None, :]
-        labels, converged = _affinity(distance, seed, 0.5)
+        # As fasa_bbox_head.dynamic_sampling: float32 squared distances of all C means,
+        # random_state 1, damping 0.5.
+        m = torch.as_tensor(means, dtype=torch.float32)
+        x2 = m.square().sum(1)
+        distance = (x2[:, None] - 2 * (m @ m.T) + x2[None, :]).numpy()
+        labels, converged = _affinity(distance, REFERENCE_AFFINITY_SEED, 0.5)
+        if (labels < 0).all():
+            logger.warning(
+                "FASA: AffinityPropagation (CLUSTERING affinity_reference) found no cluster; "
+                "as in the official code, no probability moves this pass."
+            )
+            return np.full(C, -1, dtype=np.int64)
         if not converged:
             logger.warning(
                 "FASA: AffinityPropagation on distances (CLUSTERING affinity_reference) did not "
@@ -130,12 +141,11 @@ def _affinity(matrix, seed, damping):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         labels = ap.fit_predict(matrix)
-    converged = (
-        not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        and ap.n_iter_ < ap.max_iter
-        and (labels >= 0).all()
-    )
-    return labels, converged
+    not_converged = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:  # other warnings are passed on, not swallowed
+        if w not in not_converged:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return labels, not not_converged and (labels >= 0).all()
 
 
 def _number_groups(labels):
@@ -163,9 +173,9 @@ class _FrozenStatistics:
                 for m in self.model.modules()
                 if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training
             ]
+            stack.callback(lambda: [m.train() for m in self.norms])
             for m in self.norms:
                 m.eval()
-            stack.callback(lambda: [m.train() for m in self.norms])
             self.collected = [stack.enter_context(p.collect_val_losses()) for p in self.predictors]
             self.stack = stack.pop_all()
         return self
@@ -278,6 +288,12 @@ class FASAAdaptationHook(HookBase):
         # A throwaway EventStorage: scalars the model logs on held-out data stay out of the
         # training metrics.
         with _FrozenStatistics(model, predictors) as frozen, EventStorage():
+            if self.augment:
+                # The mapper draws from the global generators, restored after every pass: seed
+                # them per pass so that passes differ and a resumed run repeats them.
+                pass_seed = (self.seed * 1_000_003 + self.passes) % 2**32
+                np.random.seed(pass_seed)
+                random.seed(pass_seed)
             for inputs in self._loader:
                 model(inputs)
             out = []
@@ -335,9 +351,15 @@ class FASAAdaptationHook(HookBase):
             groups.append(_broadcast(g))
         mode = self._signal_mode()
         for k, (p, (sums, counts), g) in enumerate(zip(predictors, stats, groups)):
-            cur = fasa_group_signal(sums, counts, g, mode)
-            prev = None if self.prev is None else fasa_group_signal(*self.prev[k], g, mode)
-            new = adapt_probabilities(p.fasa_probs.cpu().numpy(), g, cur, prev, self.up, self.down)
+            old = p.fasa_probs.cpu().numpy()
+            if (g < 0).all():  # no cluster found (affinity_reference): nothing moves
+                g = np.arange(len(g))
+                new = old.astype(np.float64)
+                cur = fasa_group_signal(sums, counts, g, mode)
+            else:
+                cur = fasa_group_signal(sums, counts, g, mode)
+                prev = None if self.prev is None else fasa_group_signal(*self.prev[k], g, mode)
+                new = adapt_probabilities(old, g, cur, prev, self.up, self.down)
             p.fasa_probs.copy_(torch.as_tensor(new, dtype=p.fasa_probs.dtype))
             prefix = f"fasa/stage{k}/" if len(predictors) > 1 else "fasa/"
             self._log(storage, prefix, new, g, cur, sums, counts)

@@ -14,7 +14,8 @@ def _accelerators():
     out = []
     for name in ("cuda", "xpu"):
         mod = getattr(torch, name, None)
-        if mod is not None and mod.is_available():
+        # Not initialised: nothing has drawn from its generators (and a CPU run stays CPU-only).
+        if mod is not None and mod.is_available() and mod.is_initialized():
             out.append((name, mod))
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
