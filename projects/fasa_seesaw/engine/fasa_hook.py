@@ -49,10 +49,14 @@ def meanshift_bandwidth(x: np.ndarray, bandwidth: float = 0.0, quantile: float =
     """
     if bandwidth > 0:
         return float(bandwidth)
-    sq = (x * x).sum(1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
     iu = np.triu_indices(len(x), k=1)
-    return float(np.quantile(np.sqrt(np.maximum(d2[iu], 0.0)), quantile))
+    return float(np.quantile(np.sqrt(_squared_distances(x)[iu]), quantile))
+
+
+def _squared_distances(x: np.ndarray) -> np.ndarray:
+    """(N, N) squared Euclidean distances from the Gram matrix: O(N^2) memory, not O(N^2 D)."""
+    sq = (x * x).sum(1)
+    return np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
 
 
 def cluster_classes(
@@ -114,7 +118,7 @@ def cluster_classes(
             return groups
         labels = MeanShift(bandwidth=bw).fit_predict(x)
     else:
-        sim = -((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        sim = -_squared_distances(x)
         labels, converged = _affinity(sim, seed, affinity_damping)
         if not converged:
             logger.warning(
@@ -352,19 +356,19 @@ class FASAAdaptationHook(HookBase):
         mode = self._signal_mode()
         for k, (p, (sums, counts), g) in enumerate(zip(predictors, stats, groups)):
             old = p.fasa_probs.cpu().numpy()
-            if (g < 0).all():  # no cluster found (affinity_reference): nothing moves
+            no_cluster = (g < 0).all()  # affinity_reference found none: nothing moves
+            if no_cluster:
                 g = np.arange(len(g))
+            cur = fasa_group_signal(sums, counts, g, mode)
+            if no_cluster or self.prev is None:
                 new = old.astype(np.float64)
-                cur = fasa_group_signal(sums, counts, g, mode)
             else:
-                cur = fasa_group_signal(sums, counts, g, mode)
-                prev = None if self.prev is None else fasa_group_signal(*self.prev[k], g, mode)
+                prev = fasa_group_signal(*self.prev[k], g, mode)
                 new = adapt_probabilities(old, g, cur, prev, self.up, self.down)
             p.fasa_probs.copy_(torch.as_tensor(new, dtype=p.fasa_probs.dtype))
             prefix = f"fasa/stage{k}/" if len(predictors) > 1 else "fasa/"
             self._log(storage, prefix, new, g, cur, sums, counts)
-        stats = [(np.asarray(s, np.float64), np.asarray(c, np.float64)) for s, c in stats]
-        self.prev = [(s, c) for s, c in stats]
+        self.prev = [(np.asarray(s, np.float64), np.asarray(c, np.float64)) for s, c in stats]
         self.groups = groups
         self.passes += 1
 
