@@ -2,13 +2,14 @@
 import datetime
 import logging
 import numpy as np
-import random
 import sys
 import time
 import torch
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+
+from .rng import get_rng_states, set_rng_states
 
 __all__ = ["ProgressHook", "RNGStateHook"]
 
@@ -54,27 +55,21 @@ class ProgressHook(HookBase):
 
 class RNGStateHook(HookBase):
     """
-    Puts the main process's torch (and CUDA), numpy and python RNG states into every checkpoint
+    Puts the main process's random states (python, numpy, torch and each accelerator's, as
+    :func:`fasa_seesaw.engine.rng.get_rng_states` reads them) into every checkpoint
     and restores them on resume, so proposal sampling and FASA's draws continue as if the run
     had never stopped. Holds no state of its own between checkpoints.
     """
 
-    # Checkpoints are read with torch.load(weights_only=True): tensors and plain Python only.
+    # Checkpoints are read with torch.load(weights_only=True): tensors and plain Python only,
+    # so numpy's key array travels as a tensor.
     def state_dict(self):
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {
-            "torch": torch.get_rng_state(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "python": random.getstate(),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        state = get_rng_states()
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
         return state
 
     def load_state_dict(self, state):
-        torch.set_rng_state(state["torch"])
         kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        numpy_state = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+        set_rng_states(dict(state, numpy=numpy_state))
