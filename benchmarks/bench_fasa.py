@@ -8,9 +8,9 @@ Parts (--part step|generation|pass|all):
   step        One training step (forward + backward + SGD step) of the real Mask R-CNN R50-FPN
               built from the LVIS v1 configs (1203 classes, 512 sampled RoIs per image, 1024-d
               box-head features, --batch images), for four variants:
-                CE           mask_rcnn_R_50_FPN_2x_ce_random_lvis_v1.yaml with
-                             ROI_HEADS.NAME FASAROIHeads (FASA off: detectron2's softmax CE)
-                Seesaw       mask_rcnn_R_50_FPN_2x_seesaw_random_lvis_v1.yaml (SeesawROIHeads)
+                CE           mask_rcnn_R_50_FPN_2x_ce_random_lvis_v1.yaml (LongTailROIHeads,
+                             FASA off: detectron2's softmax CE)
+                Seesaw       mask_rcnn_R_50_FPN_2x_seesaw_random_lvis_v1.yaml (CLS_LOSS seesaw)
                 CE+FASA      mask_rcnn_R_50_FPN_2x_fasa_random_lvis_v1.yaml
                 Seesaw+FASA  mask_rcnn_R_50_FPN_2x_fasa_seesaw_random_lvis_v1.yaml
               FASA runs past its warm-up (MODEL.FASA.WARMUP_ITERS 0) with a realistic bank: every
@@ -112,10 +112,7 @@ PAPER = "+3% time, +12% memory"
 
 # name -> (config file, extra options, FASA on, base variant)
 VARIANTS = {
-    "CE": (
-        "mask_rcnn_R_50_FPN_2x_ce_random_lvis_v1.yaml",
-        ["MODEL.ROI_HEADS.NAME", "FASAROIHeads"],
-    ),
+    "CE": ("mask_rcnn_R_50_FPN_2x_ce_random_lvis_v1.yaml", []),
     "Seesaw": ("mask_rcnn_R_50_FPN_2x_seesaw_random_lvis_v1.yaml", []),
     "CE+FASA": ("mask_rcnn_R_50_FPN_2x_fasa_random_lvis_v1.yaml", []),
     "Seesaw+FASA": ("mask_rcnn_R_50_FPN_2x_fasa_seesaw_random_lvis_v1.yaml", []),
@@ -283,7 +280,7 @@ def time_interleaved(steps, device, warmup, reps, before_each=None, guard=None, 
     0.25 cores, wait for a quiet machine and repeat it (at most `reps` times in all); only
     meaningful for repetitions of seconds, not milliseconds. info (dict) receives the count.
     """
-    for name, step in steps.items():
+    for step in steps.values():
         for w in range(warmup):
             if before_each:
                 before_each(-1 - w)
@@ -493,17 +490,18 @@ def build_variant(name, args, device):
     model = build_model(cfg)
     model.train()
     pred = model.roi_heads.box_predictor
-    if getattr(pred, "fasa", None) is not None:
+    if pred.fasa is not None:
         counts = lvis_image_counts()
         with torch.no_grad():
-            pred.fasa_probs.copy_(torch.as_tensor(lvis_fasa_probs(), dtype=pred.fasa_probs.dtype))
-            pred.fasa_probs_initialized.fill_(True)
-        fill_bank(pred.fasa_bank, counts, seed=args.seed)
-    if hasattr(pred, "class_counts"):  # Seesaw: counts of a run in progress, not all zero
+            pred.fasa.probs.copy_(torch.as_tensor(lvis_fasa_probs(), dtype=pred.fasa.probs.dtype))
+            pred.fasa.probs_initialized.fill_(True)
+        fill_bank(pred.fasa.bank, counts, seed=args.seed)
+    class_counts = getattr(pred.cls_loss, "class_counts", None)
+    if class_counts is not None:  # Seesaw: counts of a run in progress, not all zero
         rng = np.random.default_rng(args.seed)
         c = lvis_image_counts()
         with torch.no_grad():
-            pred.class_counts.copy_(torch.as_tensor(rng.multinomial(512_000, c / c.sum())))
+            class_counts.copy_(torch.as_tensor(rng.multinomial(512_000, c / c.sum())))
     optimizer = build_optimizer(cfg, model)
     return cfg, model, optimizer
 
@@ -632,7 +630,7 @@ def fasa_breakdown(models, device, reps, num_rois, num_fg):
     counts = lvis_image_counts()
     for name, model in models.items():
         pred = model.roi_heads.box_predictor
-        if getattr(pred, "fasa", None) is None:
+        if pred.fasa is None:
             continue
         D = pred.cls_score.in_features
         C = pred.num_classes
@@ -640,61 +638,69 @@ def fasa_breakdown(models, device, reps, num_rois, num_fg):
         gt = torch.full((R,), C, dtype=torch.long)
         nfg = num_fg
         gt[:nfg] = torch.as_tensor(np.random.default_rng(1).choice(C, nfg, p=counts / counts.sum()))
-        gt = gt.to(device)
-        bank = pred.fasa_bank
-        saved = {k: v.clone() for k, v in bank.state_dict().items()}
-        clamp = 0.0 if pred.fasa["clamp_min_zero"] else None
-        k = pred.fasa["samples_per_class"]
-        w = pred.cls_score.weight
-
-        def bank_update():
-            bank.update(feats, gt)
-
-        layout = "compact" if device.type == "cpu" else "fixed"
-
-        def generate():
-            return sample_virtual_features(
-                bank.mean, bank.var, bank.seen, pred.fasa_probs, k, clamp
-            )
-
-        vf, vl, vw = generate()
-
-        def classify():
-            w.grad = None
-            loss = pred.virtual_cls_loss(pred.cls_score(vf), vl, vw) * pred.fasa["loss_weight"]
-            loss.backward()
-
-        # the other layout, for comparison
-        of, ol, ow = sample_virtual_features(
-            bank.mean, bank.var, bank.seen, pred.fasa_probs, k, clamp, compact=layout == "fixed"
-        )
-
-        def classify_other():
-            w.grad = None
-            loss = pred.virtual_cls_loss(pred.cls_score(of), ol, ow) * pred.fasa["loss_weight"]
-            loss.backward()
-
-        def total():
-            w.grad = None
-            with EventStorage(start_iter=10_000):
-                loss = pred.fasa_losses(feats, gt)
-            loss.backward()
-
-        other = "fixed" if layout == "compact" else "compact"
-        parts = {
-            "bank update": bank_update,
-            f"generation (sample_virtual_features, {layout} layout)": generate,
-            f"classifier + loss fwd/bwd on {vf.shape[0]} virtual rows ({layout})": classify,
-            "fasa_losses + backward (all of the above)": total,
-            f"for comparison: classifier + loss fwd/bwd on {of.shape[0]} rows ({other})": (
-                classify_other
-            ),
-        }
-        times = time_interleaved(parts, device, warmup=3, reps=reps)
-        bank.load_state_dict(saved)
-        w.grad = None
-        out[name] = {k2: stats_ms(v) for k2, v in times.items()}
+        out[name] = _fasa_breakdown_one(pred, feats, gt.to(device), device, reps)
     return out
+
+
+def _fasa_breakdown_one(pred, feats, gt, device, reps):
+    """The pieces of one predictor's FASA.loss, timed on given features and labels (ms)."""
+    fasa = pred.fasa
+    bank = fasa.bank
+    saved = {k: v.clone() for k, v in bank.state_dict().items()}
+    clamp = 0.0 if fasa.clamp_min_zero else None
+    k = fasa.samples_per_class
+    w = pred.cls_score.weight
+
+    def virtual_loss(feats, labels, weight):
+        # FASA.loss on given rows: the weighted mean of the predictor's per-RoI loss.
+        per_row = pred.per_roi_cls_loss(pred.cls_score(feats), labels)
+        return (per_row * weight).sum() / weight.sum().clamp(min=1.0) * fasa.loss_weight
+
+    def bank_update():
+        bank.update(feats, gt)
+
+    layout = "compact" if device.type == "cpu" else "fixed"
+
+    def generate():
+        return sample_virtual_features(bank.mean, bank.var, bank.seen, fasa.probs, k, clamp)
+
+    vf, vl, vw = generate()
+
+    def classify():
+        w.grad = None
+        loss = virtual_loss(vf, vl, vw)
+        loss.backward()
+
+    # the other layout, for comparison
+    of, ol, ow = sample_virtual_features(
+        bank.mean, bank.var, bank.seen, fasa.probs, k, clamp, compact=layout == "fixed"
+    )
+
+    def classify_other():
+        w.grad = None
+        loss = virtual_loss(of, ol, ow)
+        loss.backward()
+
+    def total():
+        w.grad = None
+        with EventStorage(start_iter=10_000):
+            loss = fasa.loss(feats, gt, pred.cls_score, pred.per_roi_cls_loss)
+        loss.backward()
+
+    other = "fixed" if layout == "compact" else "compact"
+    parts = {
+        "bank update": bank_update,
+        f"generation (sample_virtual_features, {layout} layout)": generate,
+        f"classifier + loss fwd/bwd on {vf.shape[0]} virtual rows ({layout})": classify,
+        "FASA.loss + backward (all of the above)": total,
+        f"for comparison: classifier + loss fwd/bwd on {of.shape[0]} rows ({other})": (
+            classify_other
+        ),
+    }
+    times = time_interleaved(parts, device, warmup=3, reps=reps)
+    bank.load_state_dict(saved)
+    w.grad = None
+    return {k2: stats_ms(v) for k2, v in times.items()}
 
 
 def part_step(args, device, results):
@@ -851,7 +857,7 @@ def part_step(args, device, results):
     verdict = {}
     for base, fasa in PAIRS:
         o = over[fasa]
-        total_key = next(k for k in brk[fasa] if k.startswith("fasa_losses"))
+        total_key = next(k for k in brk[fasa] if k.startswith("FASA.loss"))
         iso = 100 * brk[fasa][total_key]["median_ms"] / res[base]["median_ms"]
         o["isolated_pct"] = iso
         lo, hi = (
@@ -977,8 +983,9 @@ def part_generation(args, device, results):
     rows = {}
     loads = []
     for regime, p in regimes.items():
+        p = p.to(device)
 
-        def measure(p=p.to(device)):
+        def measure(p=p):
             fns = {
                 "ours, compact (CPU default)": lambda p=p: sample_virtual_features(
                     mean, var, seen, p, k, compact=True

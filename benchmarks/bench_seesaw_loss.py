@@ -5,7 +5,8 @@ Benchmark: forward + backward of the Seesaw classification loss, as one training
 box predictor does it (count update, then the loss, then backward through the logits).
 
 Compared:
-  ours       fasa_seesaw.modeling.seesaw_loss: ``count_foreground`` + ``seesaw_losses``
+  ours       fasa_seesaw.modeling.seesaw_loss: ``SeesawLoss.update_counts`` (``count_foreground``)
+             + ``seesaw_losses``, as ``SeesawLoss.forward`` does it without its accuracy logging
              (sync-free, R x C offsets formed for every RoI).
   reference  ``reference_style_seesaw`` below, written the way mmdetection's SeesawLoss does it
              (mmdet/models/losses/seesaw_loss.py): a Python loop over the batch's unique labels
@@ -38,7 +39,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from fasa_seesaw.modeling.seesaw_loss import count_foreground, seesaw_losses
+from fasa_seesaw.modeling.seesaw_loss import SeesawLoss, seesaw_losses
 
 P, Q, EPS = 0.8, 2.0, 1e-2
 
@@ -112,13 +113,13 @@ def _reference_seesaw_ce(cls_score, labels, cum_samples, num_classes, p, q, eps)
 
 
 # --------------------------------------------------------------------------------------------
-# (a) ours, as SeesawFastRCNNOutputLayers.losses calls it
+# (a) ours, as the box predictor's SeesawLoss computes it
 # --------------------------------------------------------------------------------------------
-def ours_seesaw(logits, gt_classes, class_counts, num_classes, p=P, q=Q, eps=EPS):
-    """Count update (in place, like ``update_class_counts``) then ``seesaw_losses``."""
-    with torch.no_grad():
-        class_counts += count_foreground(gt_classes, num_classes, dtype=class_counts.dtype)
-    return seesaw_losses(logits, gt_classes, class_counts, p, q, eps)
+def ours_seesaw(logits, gt_classes, loss: SeesawLoss):
+    """``SeesawLoss.forward`` without its accuracy logging (a host sync for the EventStorage):
+    the count update (in place, into ``loss.class_counts``), then ``seesaw_losses``."""
+    loss.update_counts(gt_classes)
+    return seesaw_losses(logits, gt_classes, loss.class_counts, loss.p, loss.q, loss.eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,14 +177,15 @@ def make_inputs(args, device):
 # runners
 # --------------------------------------------------------------------------------------------
 def run_ours(logits0, gt, counts0):
-    """counts0: (C,) long, as the predictor's buffer. Returns a closure doing one fwd + bwd."""
-    C = counts0.numel()
-    counts = counts0.clone()
+    """counts0: (C,) long, the initial SeesawLoss.class_counts. Returns a closure doing one
+    fwd + bwd."""
+    loss = SeesawLoss(counts0.numel(), p=P, q=Q, eps=EPS).to(counts0.device)
+    loss.class_counts.copy_(counts0)
     x = logits0.clone().requires_grad_(True)
 
     def step():
         x.grad = None
-        loss_cls, loss_obj = ours_seesaw(x, gt, counts, C)
+        loss_cls, loss_obj = ours_seesaw(x, gt, loss)
         (loss_cls + loss_obj).backward()
         return loss_cls, loss_obj, x.grad
 
@@ -338,7 +340,7 @@ def main(argv=None):
     check = check_equal(logits0, gt, counts0, rtol=1e-5, atol=1e-7)
 
     steps = {
-        "ours (count_foreground + seesaw_losses)": run_ours(logits0, gt, counts0),
+        "ours (SeesawLoss.update_counts + seesaw_losses)": run_ours(logits0, gt, counts0),
         "reference-style (mmdet algorithm)": run_reference(logits0, gt, counts0),
     }
     with ForeignCpu() as foreign:

@@ -75,7 +75,7 @@ class TestEndToEnd(unittest.TestCase):
         self.assertIn("[progress] iter 6/6", r.stdout)
         rows = summary(r.stdout)
         self.assertEqual(set(rows), {"bbox", "segm"}, r.stdout[-2000:])
-        for ap, apr in rows.values():
+        for ap, _apr in rows.values():
             self.assertTrue(0.0 <= ap <= 100.0)
         self.assertTrue(os.path.isfile(os.path.join(self.out, "model_final.pth")))
         self.assertTrue(os.path.isfile(os.path.join(self.out, "metrics.json")))
@@ -113,9 +113,9 @@ class TestEndToEnd(unittest.TestCase):
         out_topk, out_all = os.path.join(self.tmp, "topk"), os.path.join(self.tmp, "all")
         topk = run_train_net(
             base
-            + ["FASA_SEESAW.EVAL.TOPK_PER_CLASS", str(k), "FASA_SEESAW.EVAL.FIXED_K", str(k)]
-            + ["FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE", "-1"]
-            + ["FASA_SEESAW.EVAL.EXTRAS", "('fixed', 'pool', 'tide')", "OUTPUT_DIR", out_topk],
+            + ["TEST.LVIS.TOPK_PER_CLASS", str(k), "TEST.LVIS.FIXED_K", str(k)]
+            + ["TEST.LVIS.TOPK_MAX_PER_IMAGE", "-1"]
+            + ["TEST.LVIS.EXTRAS", "('fixed', 'pool', 'tide')", "OUTPUT_DIR", out_topk],
             self.env,
         )
         self.assertEqual(topk.returncode, 0, topk.stderr[-3000:])
@@ -177,6 +177,18 @@ class TestEndToEnd(unittest.TestCase):
         self.assertIn("MODEL.SEESAW.Q 0.0", r.stderr)
         self.assertNotIn("Traceback", r.stderr)
 
+    def test_renamed_key_is_one_clear_line(self):
+        r = run_train_net(
+            ["--config-file", CONFIG]
+            + SMOKE_OPTS
+            + ["FASA_SEESAW.EVAL.FIXED_K", "15", "OUTPUT_DIR", os.path.join(self.tmp, "z")],
+            self.env,
+        )
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("FASA_SEESAW.EVAL.FIXED_K", r.stderr)
+        self.assertIn("TEST.LVIS.FIXED_K", r.stderr)
+        self.assertNotIn("Traceback", r.stderr)
+
 
 FASA_CONFIG = os.path.join(
     ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_fasa_seesaw_quickstart.yaml"
@@ -208,7 +220,8 @@ class TestEndToEndFASA(unittest.TestCase):
             self.assertTrue(any("loss_fasa" in row for row in rows))
             ckpt = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
             self.assertEqual(ckpt["trainer"]["hooks"]["FASAAdaptationHook"]["passes"], 2)
-            self.assertIn("roi_heads.box_predictor.fasa_bank.mean", ckpt["model"])
+            for key in ("fasa.bank.mean", "fasa.probs", "cls_loss.class_counts"):
+                self.assertIn("roi_heads.box_predictor." + key, ckpt["model"])
 
     def test_fasa_metric_signal(self):
         import json

@@ -19,8 +19,8 @@ from detectron2.utils.events import EventStorage
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.data.datasets import register_lvis_json_dataset
 from fasa_seesaw.data.heldout import is_heldout, register_heldout_split
-from fasa_seesaw.data.longtail_synth import SMOKE, dataset_paths, ensure_generated
-from fasa_seesaw.engine import FASAAdaptationHook, cluster_classes, fasa_predictors
+from fasa_seesaw.data.synth import SMOKE, dataset_paths, ensure_generated
+from fasa_seesaw.engine import FASAAdaptationHook, cluster_classes, fasa_modules
 from fasa_seesaw.engine.fasa_hook import meanshift_bandwidth
 from fasa_seesaw.engine.rng import get_rng_states, set_rng_states
 
@@ -99,21 +99,21 @@ class TestClustering(unittest.TestCase):
         with mock.patch.object(fasa_hook, "_affinity", return_value=(np.full(19, -1), False)):
             groups = cluster_classes(self.means, self.seen, "affinity_reference", 0)
         np.testing.assert_array_equal(groups, np.full(19, -1))
-        pred = types.SimpleNamespace(
-            fasa_bank=types.SimpleNamespace(
+        fasa = types.SimpleNamespace(
+            bank=types.SimpleNamespace(
                 mean=torch.from_numpy(self.means).float(), seen=torch.from_numpy(self.seen)
             ),
-            fasa_probs=torch.full((19,), 0.5),
+            probs=torch.full((19,), 0.5),
         )
         hook = FASAAdaptationHook(None, "unused", period=1, clustering="affinity_reference")
         counts = np.ones(20)
-        hook.apply([pred], [(np.ones(20), counts)])
+        hook.apply([fasa], [(np.ones(20), counts)])
         with mock.patch.object(fasa_hook, "_affinity", return_value=(np.full(19, -1), False)):
-            hook.apply([pred], [(np.full(20, 5.0), counts)])  # every loss rose
-        torch.testing.assert_close(pred.fasa_probs, torch.full((19,), 0.5))
+            hook.apply([fasa], [(np.full(20, 5.0), counts)])  # every loss rose
+        torch.testing.assert_close(fasa.probs, torch.full((19,), 0.5))
         self.assertEqual(hook.prev[0][0][0], 5.0)
-        hook.apply([pred], [(np.ones(20), counts)])  # compared with that pass: losses fell
-        self.assertTrue(bool((pred.fasa_probs[:18] > 0.5).any()))
+        hook.apply([fasa], [(np.ones(20), counts)])  # compared with that pass: losses fell
+        self.assertTrue(bool((fasa.probs[:18] > 0.5).any()))
 
     def test_old_hook_state_starts_a_new_baseline(self):
         # Saved before the background count was kept: C-length arrays, not C + 1.
@@ -262,8 +262,9 @@ class TestValidationPass(unittest.TestCase):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         rng = get_rng_states()
         hook = FASAAdaptationHook(self.cfg, "test_fasa_pass_val", period=1)
-        predictors, stats = hook.validation_losses(model)
-        self.assertEqual(len(predictors), 1)
+        fasas, stats = hook.validation_losses(model)
+        self.assertEqual(len(fasas), 1)
+        self.assertIs(fasas[0], model.roi_heads.box_predictor.fasa)
         sums, counts = stats[0]
         self.assertGreater(counts.sum(), 0)
         self.assertTrue(np.all(np.isfinite(sums)))
@@ -273,8 +274,8 @@ class TestValidationPass(unittest.TestCase):
         assert_same_rng_states(self, rng, get_rng_states())
         self.assertTrue(model.training)
         self.assertTrue(all(m.training for m in model.modules()))
-        self.assertIsNone(predictors[0].val_collect)
-        self.assertFalse(predictors[0].fasa_bank.frozen)
+        self.assertFalse(fasas[0].collecting)
+        self.assertFalse(fasas[0].bank.frozen)
 
     @unittest.skipIf(not torch.cuda.is_available(), "no CUDA device")
     def test_pass_restores_cuda_generators(self):
@@ -348,10 +349,10 @@ class TestValidationPass(unittest.TestCase):
         hook = FASAAdaptationHook(self.cfg, "test_fasa_pass_val", period=1, clustering="none")
         with EventStorage(0) as storage:
             hook.trainer = types.SimpleNamespace(model=model, storage=storage)
-            pred = fasa_predictors(model)[0]
-            pred.fasa_probs.fill_(0.5)
+            fasa = fasa_modules(model)[0]
+            fasa.probs.fill_(0.5)
             hook.adapt()  # first pass: nothing to compare with
-            torch.testing.assert_close(pred.fasa_probs, torch.full((12,), 0.5))
+            torch.testing.assert_close(fasa.probs, torch.full((12,), 0.5))
             sums, counts = hook.prev[0]
             self.assertEqual(len(sums), 13)  # 12 classes + background
             self.assertGreater(counts[12], 0)  # background RoIs are counted
@@ -364,7 +365,7 @@ class TestValidationPass(unittest.TestCase):
             hook.prev = [(prev_sums, counts)]
             hook.adapt()
             logged = storage.latest()
-        p = pred.fasa_probs.numpy()
+        p = fasa.probs.numpy()
         for c in range(12):
             if not seen[c]:
                 self.assertAlmostEqual(p[c], 0.5, places=6)

@@ -5,12 +5,14 @@ probabilities produced by fasa_seesaw's own adapt_probabilities, and rejects rat
 cannot produce (wrong counts); the virtual-feature statistics read metrics.json after warm-up.
 """
 
+import copy
 import json
 import numpy as np
 import os
 import sys
 import tempfile
 import unittest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -63,6 +65,84 @@ class TestAdaptationExponents(unittest.TestCase):
         self.assertEqual(s["virtual_per_step"], 3.0)
         self.assertEqual(s["virtual_samples"], 2)
         self.assertEqual(s["loss_fasa_nonzero"], 0.5)
+
+
+def old_saved_config(head, **values):
+    """A full config as train_net.py saved it before keys were renamed: RENAMED_KEYS' new keys
+    under their old names (with ``values`` by old key), and no key that did not exist then."""
+    from detectron2.config import get_cfg
+
+    from fasa_seesaw import add_fasa_seesaw_config
+    from fasa_seesaw.config import RENAMED_KEYS
+
+    cfg = get_cfg()
+    add_fasa_seesaw_config(cfg)
+    data = yaml.safe_load(cfg.dump())
+    data["MODEL"]["ROI_HEADS"]["NAME"] = head
+    del data["MODEL"]["ROI_BOX_HEAD"]["CLS_LOSS"]
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = new.split(".")
+        node = data
+        for name in parents:
+            node = node[name]
+        value = node.pop(leaf)
+        *parents, leaf = old.split(".")
+        node = data
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = values.get(old, value)
+    del data["TEST"]["LVIS"]
+    return data
+
+
+class TestOldSavedConfig(unittest.TestCase):
+    def merged(self, data):
+        from detectron2.config import get_cfg
+
+        from fasa_seesaw import add_fasa_seesaw_config
+
+        cfg = get_cfg()
+        add_fasa_seesaw_config(cfg)
+        cfg.merge_from_other_cfg(type(cfg)(fd.upgrade_saved_config(data)))
+        return cfg
+
+    def test_renamed_keys_are_read_under_their_new_names(self):
+        from fasa_seesaw.modeling import resolve_cls_loss
+
+        values = {
+            "MODEL.SEESAW.NORMED_CLASSIFIER": True,
+            "MODEL.SEESAW.TEMPERATURE": 13.0,
+            "MODEL.NORMED_MASK_HEAD.TEMPERATURE": 9.0,
+            "MODEL.FASA.SYNC": False,
+            "MODEL.FASA.ADAPT.UP": 1.3,
+            "MODEL.FASA.ADAPT.DOWN": 0.7,
+            "FASA_SEESAW.EVAL.ENGINE": "lvis",
+            "FASA_SEESAW.EVAL.FIXED_K": 77,
+        }
+        data = old_saved_config("SeesawROIHeads", **values)
+        before = copy.deepcopy(data)
+        cfg = self.merged(data)
+        self.assertEqual(data, before)  # the input is left alone
+        self.assertTrue(cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER)
+        self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.NORM_TEMP, 13.0)
+        self.assertEqual(cfg.MODEL.ROI_MASK_HEAD.NORM_TEMP, 9.0)
+        self.assertFalse(cfg.MODEL.FASA.SYNC_BANK)
+        self.assertEqual(
+            (cfg.MODEL.FASA.ADAPT.UP_FACTOR, cfg.MODEL.FASA.ADAPT.DOWN_FACTOR), (1.3, 0.7)
+        )
+        self.assertEqual((cfg.TEST.LVIS.ENGINE, cfg.TEST.LVIS.FIXED_K), ("lvis", 77))
+        self.assertEqual(resolve_cls_loss(cfg), "seesaw")
+        # The cosine classifier was the Seesaw heads' alone: other heads never built it.
+        data = old_saved_config("FASAROIHeads", **{"MODEL.SEESAW.NORMED_CLASSIFIER": True})
+        cfg = self.merged(data)
+        self.assertFalse(cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER)
+        self.assertEqual(resolve_cls_loss(cfg), "softmax_ce")
+
+    def test_unknown_keys_still_fail(self):
+        data = old_saved_config("SeesawROIHeads")
+        data["FASA_SEESAW"]["EVAL"]["NO_SUCH_KEY"] = 1
+        with self.assertRaisesRegex(KeyError, "FASA_SEESAW.EVAL"):
+            self.merged(data)
 
 
 if __name__ == "__main__":

@@ -24,25 +24,29 @@ COUNTS = [300, 120, 40, 12, 3, 1]
 
 
 def make_predictor():
-    from fasa_seesaw.modeling import SeesawFastRCNNOutputLayers
+    from fasa_seesaw.modeling import FASA, SeesawFastRCNNOutputLayers, SeesawLoss
 
     torch.manual_seed(0)
     return SeesawFastRCNNOutputLayers(
         ShapeSpec(channels=D),
         box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
         num_classes=C,
-        fasa={
-            "loss_weight": 0.1,
-            "samples_per_class": 1,
-            "clamp_min_zero": False,
-            "warmup_iters": 100,  # statistics only: the draws would differ between setups
-            "bank_mode": "ema",
-            "bank_momentum": 0.1,
-            "sync": True,
-            "init_probs": "inverse_frequency",
-            "instance_counts": lambda: COUNTS,
-            "epoch_iters": lambda: 100,
-        },
+        cls_loss=SeesawLoss(C),
+        normed_classifier=True,
+        fasa=FASA(
+            C,
+            D,
+            loss_weight=0.1,
+            samples_per_class=1,
+            clamp_min_zero=False,
+            warmup_iters=100,  # statistics only: the draws would differ between setups
+            bank_mode="ema",
+            bank_momentum=0.1,
+            sync_bank=True,
+            init_probs="inverse_frequency",
+            instance_counts=lambda: COUNTS,
+            epoch_iters=lambda: 100,
+        ),
     )
 
 
@@ -81,7 +85,7 @@ def run(model, train_batches, held_batches, n_passes=2):
             for batch in train_batches[p::n_passes]:
                 model(batch)
             hook.adapt()
-    return model.pred.fasa_bank.state_dict(), model.pred.fasa_probs.clone()
+    return model.pred.fasa.bank.state_dict(), model.pred.fasa.probs.clone()
 
 
 def _worker(rank, world, init_file, out):

@@ -53,7 +53,7 @@ class _Model(nn.Module):
 class TestMetricSignal(unittest.TestCase):
     def test_group_whose_ap_rose_gets_more_draws(self):
         model = _Model()
-        model.pred.fasa_probs.fill_(0.5)
+        model.pred.fasa.probs.fill_(0.5)
         scores = iter(
             [
                 np.array([0.2, 0.2, 0.5, 0.5, np.nan, 0.1]),
@@ -66,11 +66,11 @@ class TestMetricSignal(unittest.TestCase):
         with EventStorage(0) as storage:
             hook.trainer = type("T", (), {"model": model, "storage": storage})()
             hook.adapt()
-            torch.testing.assert_close(model.pred.fasa_probs, torch.full((len(COUNTS),), 0.5))
+            torch.testing.assert_close(model.pred.fasa.probs, torch.full((len(COUNTS),), 0.5))
             hook.adapt()
             self.assertIn("fasa/val_neg_ap", storage.latest())
         expected = [0.55, 0.45, 0.5, 0.55, 0.5, 0.5]  # rose, fell, same, rose, undefined x2
-        np.testing.assert_allclose(model.pred.fasa_probs.numpy(), expected, rtol=1e-6)
+        np.testing.assert_allclose(model.pred.fasa.probs.numpy(), expected, rtol=1e-6)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.engine import check_config
-from fasa_seesaw.modeling import FASAFastRCNNOutputLayers, SeesawFastRCNNOutputLayers
+from fasa_seesaw.modeling import (
+    FASA,
+    FASAFastRCNNOutputLayers,
+    SeesawFastRCNNOutputLayers,
+    SeesawLoss,
+)
 
 C, D = 5, 8
 COUNTS = [400, 100, 20, 4, 1]
@@ -29,7 +34,7 @@ def fasa_args(**over):
         "warmup_iters": 3,
         "bank_mode": "ema",
         "bank_momentum": 0.1,
-        "sync": True,
+        "sync_bank": True,
         "init_probs": "inverse_frequency",
         "instance_counts": lambda: COUNTS,
         "epoch_iters": lambda: 3,
@@ -39,12 +44,15 @@ def fasa_args(**over):
 
 
 def make(cls=SeesawFastRCNNOutputLayers, **fasa_over):
+    """The Seesaw predictor with the cosine classifier (the Seesaw recipe) and FASA."""
     torch.manual_seed(0)
     return cls(
         ShapeSpec(channels=D),
         box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
         num_classes=C,
-        fasa=fasa_args(**fasa_over),
+        cls_loss=SeesawLoss(C),
+        normed_classifier=True,
+        fasa=FASA(C, D, **fasa_args(**fasa_over)),
     )
 
 
@@ -65,27 +73,27 @@ class TestFASAPredictor(unittest.TestCase):
         x = torch.randn(len(gt), D)
         with EventStorage(0):
             pred.losses(pred(x), proposals(gt))
-        torch.testing.assert_close(pred.fasa_bank.mean[0], x[:2].mean(0))
-        torch.testing.assert_close(pred.fasa_bank.var[0], x[:2].var(0, unbiased=True))
-        torch.testing.assert_close(pred.fasa_bank.mean[3], x[2])
-        self.assertEqual(pred.fasa_bank.seen.tolist(), [True, True, False, True, False])
+        torch.testing.assert_close(pred.fasa.bank.mean[0], x[:2].mean(0))
+        torch.testing.assert_close(pred.fasa.bank.var[0], x[:2].var(0, unbiased=True))
+        torch.testing.assert_close(pred.fasa.bank.mean[3], x[2])
+        self.assertEqual(pred.fasa.bank.seen.tolist(), [True, True, False, True, False])
 
     def test_initial_probs_from_counts(self):
         pred = make()
         with EventStorage(0):
             pred.losses(pred(torch.randn(2, D)), proposals([0, C]))
         inv = 1.0 / np.array(COUNTS, dtype=np.float64)
-        np.testing.assert_allclose(pred.fasa_probs.numpy(), inv / inv.sum(), rtol=1e-6)
-        self.assertTrue(bool(pred.fasa_probs_initialized))
+        np.testing.assert_allclose(pred.fasa.probs.numpy(), inv / inv.sum(), rtol=1e-6)
+        self.assertTrue(bool(pred.fasa.probs_initialized))
         uniform = make(init_probs="uniform")
         with EventStorage(0):
             uniform.losses(uniform(torch.randn(1, D)), proposals([1]))
-        np.testing.assert_allclose(uniform.fasa_probs.numpy(), np.full(C, 1 / C), rtol=1e-6)
+        np.testing.assert_allclose(uniform.fasa.probs.numpy(), np.full(C, 1 / C), rtol=1e-6)
 
     def test_warmup_then_virtual_loss(self):
         pred = make()
-        pred.fasa_probs_initialized.fill_(True)
-        pred.fasa_probs.fill_(1.0)  # draw every seen class
+        pred.fasa.probs_initialized.fill_(True)
+        pred.fasa.probs.fill_(1.0)  # draw every seen class
         gt = [0, 1, 2, 3, 4, C]
         x = torch.randn(len(gt), D)
         with EventStorage(2) as storage:
@@ -99,8 +107,8 @@ class TestFASAPredictor(unittest.TestCase):
 
     def test_virtual_features_train_only_the_classifier(self):
         pred = make()
-        pred.fasa_probs_initialized.fill_(True)
-        pred.fasa_probs.fill_(1.0)
+        pred.fasa.probs_initialized.fill_(True)
+        pred.fasa.probs.fill_(1.0)
         x = torch.randn(6, D, requires_grad=True)
         with EventStorage(5):
             loss = pred.losses(pred(x), proposals([0, 1, 2, 3, 4, C]))["loss_fasa"]
@@ -111,14 +119,14 @@ class TestFASAPredictor(unittest.TestCase):
 
     def test_virtual_labels_never_reach_seesaw_counts(self):
         pred = make()
-        pred.fasa_probs_initialized.fill_(True)
-        pred.fasa_probs.fill_(1.0)
+        pred.fasa.probs_initialized.fill_(True)
+        pred.fasa.probs.fill_(1.0)
         gt = [0, 0, 2, C]
         with EventStorage(10):
             for _ in range(3):
                 losses = pred.losses(pred(torch.randn(4, D)), proposals(gt))
         self.assertGreater(losses["loss_fasa"].item(), 0)
-        self.assertEqual(pred.class_counts.tolist(), [6, 0, 3, 0, 0])
+        self.assertEqual(pred.cls_loss.class_counts.tolist(), [6, 0, 3, 0, 0])
 
     def test_softmax_and_sigmoid_baselines(self):
         for kwargs in ({}, {"use_sigmoid_ce": True}):
@@ -127,11 +135,11 @@ class TestFASAPredictor(unittest.TestCase):
                 ShapeSpec(channels=D),
                 box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
                 num_classes=C,
-                fasa=fasa_args(warmup_iters=0),
+                fasa=FASA(C, D, **fasa_args(warmup_iters=0)),
                 **kwargs,
             )
-            pred.fasa_probs_initialized.fill_(True)
-            pred.fasa_probs.fill_(1.0)
+            pred.fasa.probs_initialized.fill_(True)
+            pred.fasa.probs.fill_(1.0)
             with EventStorage(0):
                 losses = pred.losses(pred(torch.randn(3, D)), proposals([1, 3, C]))
             self.assertEqual(set(losses), {"loss_cls", "loss_box_reg", "loss_fasa"})
@@ -139,17 +147,47 @@ class TestFASAPredictor(unittest.TestCase):
 
     def test_state_dict_carries_fasa_state(self):
         keys = set(make().state_dict())
-        for k in ("fasa_probs", "fasa_probs_initialized", "fasa_bank.mean", "fasa_bank.var"):
+        for k in (
+            "fasa.probs",
+            "fasa.probs_initialized",
+            "fasa.bank.mean",
+            "fasa.bank.var",
+            "cls_loss.class_counts",
+        ):
             self.assertIn(k, keys)
 
+    def test_loads_checkpoints_with_the_old_keys(self):
+        # Before the loss and FASA became modules their state sat on the predictor.
+        src = make()
+        with EventStorage(0):
+            src.losses(src(torch.randn(6, D)), proposals([0, 0, 3, C, C, 1]))
+        src.fasa.probs.mul_(0.5)
+        old = {}
+        for k, v in src.state_dict().items():
+            if k == "cls_loss.class_counts":
+                k = "class_counts"
+            elif k.startswith("fasa."):
+                k = "fasa_" + k[len("fasa.") :]
+            old[k] = v.clone()
+        self.assertIn("fasa_bank.mean", old)
+        self.assertIn("fasa_probs", old)
+        dst = make()
+        dst.load_state_dict(old)  # strict: every old key has a home
+        for k, v in src.state_dict().items():
+            torch.testing.assert_close(dst.state_dict()[k], v, msg=k)
+        self.assertEqual(dst.cls_loss.class_counts.tolist(), [2, 1, 0, 1, 0])
+        self.assertTrue(bool(dst.fasa.probs_initialized))
+
     def test_fasa_needs_fc_feature(self):
+        cfg = get_cfg()
+        add_fasa_seesaw_config(cfg)
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = C
+        cfg.MODEL.FASA.ENABLED = True
         with self.assertRaisesRegex(ConfigError, "NUM_FC"):
-            FASAFastRCNNOutputLayers(
-                ShapeSpec(channels=D, height=7, width=7),
-                box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
-                num_classes=C,
-                fasa=fasa_args(),
-            )
+            FASAFastRCNNOutputLayers(cfg, ShapeSpec(channels=D, height=7, width=7))
+        pred = FASAFastRCNNOutputLayers(cfg, ShapeSpec(channels=D))
+        self.assertIsInstance(pred.fasa, FASA)
+        self.assertEqual(pred.fasa.bank.feature_dim, D)
 
     def test_config_errors(self):
         quick = os.path.join(ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_ce_quickstart.yaml")
@@ -157,10 +195,14 @@ class TestFASAPredictor(unittest.TestCase):
         add_fasa_seesaw_config(cfg)
         cfg.merge_from_file(quick)
         cfg.MODEL.FASA.ENABLED = True
-        with self.assertRaisesRegex(ConfigError, "has no FASA"):
+        cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+        with self.assertRaisesRegex(
+            ConfigError, r"MODEL\.FASA\.ENABLED need\(s\) the project's box predictor"
+        ):
             check_config(cfg)
-        cfg.MODEL.ROI_HEADS.NAME = "FASAROIHeads"
-        check_config(cfg)
+        for name in ("FASAROIHeads", "LongTailROIHeads"):
+            cfg.MODEL.ROI_HEADS.NAME = name
+            check_config(cfg)
         cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 0
         with self.assertRaisesRegex(ConfigError, "NUM_FC"):
             check_config(cfg)
@@ -190,6 +232,28 @@ class TestFASAPredictor(unittest.TestCase):
                 check_config(cfg)
             setattr(cfg.MODEL.FASA.ADAPT, key, good)
             check_config(cfg)
+        # Several problems: the first is reported, by itself, naming its key and what is allowed.
+        bad = cfg.clone()
+        bad.MODEL.FASA.BANK_MODE = "median"
+        bad.MODEL.FASA.ADAPT.CLUSTERING = "kmeans"
+        with self.assertRaises(ConfigError) as cm:
+            check_config(bad)
+        self.assertEqual(
+            str(cm.exception),
+            "MODEL.FASA.BANK_MODE 'median' is unknown; use one of ['ema', 'exact'].",
+        )
+        bad.MODEL.FASA.BANK_MODE = "ema"
+        with self.assertRaisesRegex(
+            ConfigError, r"^MODEL\.FASA\.ADAPT\.CLUSTERING 'kmeans' is unknown; use one of \["
+        ):
+            check_config(bad)
+        bad.MODEL.FASA.ADAPT.CLUSTERING = "none"
+        bad.MODEL.FASA.ADAPT.AFFINITY_DAMPING = 1.0
+        with self.assertRaisesRegex(
+            ConfigError,
+            r"^MODEL\.FASA\.ADAPT\.AFFINITY_DAMPING must lie in \[0\.5, 1\.0\); got 1\.0\.$",
+        ):
+            check_config(bad)
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def make_predictor(probs):
     cfg.MODEL.FASA.ENABLED = True
     torch.manual_seed(0)
     pred = FASAFastRCNNOutputLayers(cfg, ShapeSpec(channels=D))
-    pred.fasa_probs.copy_(torch.tensor(probs))
-    pred.fasa_probs_initialized.fill_(True)
+    pred.fasa.probs.copy_(torch.tensor(probs))
+    pred.fasa.probs_initialized.fill_(True)
     return pred
 
 
@@ -167,14 +167,14 @@ class TestAgainstOfficialRules(unittest.TestCase):
         pred = make_predictor([0.1] * C)
         pred.train()
         for batches in validation_passes():
-            with pred.collect_val_losses() as (sums, counts), EventStorage(0):
+            with pred.fasa.collect_val_losses() as (sums, counts), EventStorage(0):
                 for scores, labels in batches:
                     out = pred.losses((scores, torch.zeros(len(labels), 4 * C)), proposals(labels))
                     self.assertEqual(out, {})
             cum_losses, cum_labels = OfficialFASA.counter_loss(*zip(*batches))
             np.testing.assert_allclose(counts.numpy(), cum_labels.numpy(), **TOL)
             np.testing.assert_allclose(sums[:C].numpy(), cum_losses[:C].numpy(), **TOL)
-        self.assertIsNone(pred.val_collect)
+        self.assertFalse(pred.fasa.collecting)
 
     def _drive(self, clustering, seed, reference_groups, **cluster_kwargs):
         """Train both on the same batches, then run the five passes through both."""
@@ -186,23 +186,23 @@ class TestAgainstOfficialRules(unittest.TestCase):
             for feats, labels in training_batches():
                 fg = labels < C
                 ref.fa_update(feats[fg], labels[fg])
-                pred.fasa_bank.update(feats, labels)
+                pred.fasa.bank.update(feats, labels)
         hook = FASAAdaptationHook(
             None, "unused", period=1, clustering=clustering, seed=seed, **cluster_kwargs
         )
         history = []
         for batches in validation_passes():
-            with pred.collect_val_losses() as (sums, counts), EventStorage(0):
+            with pred.fasa.collect_val_losses() as (sums, counts), EventStorage(0):
                 for scores, labels in batches:
                     pred.losses((scores, torch.zeros(len(labels), 4 * C)), proposals(labels))
-            hook.apply([pred], [(sums.numpy(), counts.numpy())])
+            hook.apply([pred.fasa], [(sums.numpy(), counts.numpy())])
             groups = hook.groups[0]
             expected = reference_groups(ref)
             if expected is not None:
                 self.assertEqual(sorted(group_lists(groups)), sorted(expected))
             ref.dynamic_sampling(*OfficialFASA.counter_loss(*zip(*batches)), group_lists(groups))
-            np.testing.assert_allclose(pred.fasa_probs.numpy(), ref.prob_list.numpy(), **TOL)
-            history.append(pred.fasa_probs.clone())
+            np.testing.assert_allclose(pred.fasa.probs.numpy(), ref.prob_list.numpy(), **TOL)
+            history.append(pred.fasa.probs.clone())
         return history
 
     def test_default_adaptation_over_passes(self):

@@ -23,6 +23,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from fasa_seesaw import ConfigError
 from fasa_seesaw.engine import grad_stats
 from fasa_seesaw.engine.fasa_hook import FASAAdaptationHook
 from fasa_seesaw.engine.grad_stats import (
@@ -32,8 +33,13 @@ from fasa_seesaw.engine.grad_stats import (
     write_grad_stats_csv,
 )
 from fasa_seesaw.evaluation import figures
-from fasa_seesaw.modeling import SeesawFastRCNNOutputLayers
-from fasa_seesaw.modeling.fasa_fast_rcnn import FASAFastRCNNOutputLayers
+from fasa_seesaw.modeling import (
+    FASA,
+    FASAFastRCNNOutputLayers,
+    LongTailFastRCNNOutputLayers,
+    SeesawFastRCNNOutputLayers,
+    SeesawLoss,
+)
 from fasa_seesaw.modeling.fasa_feature_bank import ClassFeatureBank
 
 C, D = 5, 8
@@ -41,14 +47,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_predictor(kind="ce", seed=0):
+    """The project's predictor with detectron2's softmax CE ("ce"), Seesaw with the cosine
+    classifier ("seesaw"), or softmax CE with FASA ("fasa")."""
     torch.manual_seed(seed)
-    cls = {
-        "ce": FastRCNNOutputLayers,
-        "seesaw": SeesawFastRCNNOutputLayers,
-        "fasa": FASAFastRCNNOutputLayers,
+    cls, kwargs = {
+        "ce": (LongTailFastRCNNOutputLayers, {}),
+        "seesaw": (
+            SeesawFastRCNNOutputLayers,
+            {"cls_loss": SeesawLoss(C), "normed_classifier": True},
+        ),
+        "fasa": (
+            FASAFastRCNNOutputLayers,
+            {"fasa": FASA(C, D, warmup_iters=0, instance_counts=lambda: [10, 5, 3, 2, 1])},
+        ),
     }[kind]
     return cls(
-        ShapeSpec(channels=D), box2box_transform=Box2BoxTransform((10, 10, 5, 5)), num_classes=C
+        ShapeSpec(channels=D),
+        box2box_transform=Box2BoxTransform((10, 10, 5, 5)),
+        num_classes=C,
+        **kwargs,
     )
 
 
@@ -182,13 +199,24 @@ class TestGradientStatsHook(unittest.TestCase):
         with EventStorage():
             with torch.no_grad():
                 forward_loss(pred, BATCHES[0])
-            pred.val_collect = (torch.zeros(C + 1, dtype=torch.float64),) * 2
-            scores, _ = forward_loss(pred, BATCHES[0])
-            scores.sum().backward()  # a gradient on the scores, but not from training
-            pred.val_collect = None
+            with pred.fasa.collect_val_losses() as (sums, counts):
+                x, proposals = BATCHES[0]
+                scores, deltas = pred(x)
+                self.assertEqual(pred.losses((scores, deltas), proposals), {})
+                scores.sum().backward()  # a gradient on the scores, but not from training
+            self.assertGreater(counts.sum().item(), 0)  # the pass did collect
             self.assertEqual(np.abs(hook.totals()).sum(), 0.0)
             hooked_step(pred, BATCHES[0])
         self.assertGreater(hook.totals().sum(), 0.0)
+
+    def test_needs_the_projects_predictor(self):
+        # detectron2's own predictor has no scores hook: a clear error, not silence.
+        torch.manual_seed(0)
+        plain = FastRCNNOutputLayers(
+            ShapeSpec(channels=D), box2box_transform=Box2BoxTransform((10, 10, 5, 5)), num_classes=C
+        )
+        with self.assertRaisesRegex(ConfigError, "LongTailROIHeads"):
+            GradientStatsHook().attach(TinyRCNN(plain))
 
     def test_state_dict_round_trip_and_resume(self):
         pred = make_predictor("ce")
@@ -228,12 +256,20 @@ class TestGradientStatsHook(unittest.TestCase):
             hook = GradientStatsHook(d, category_info=lambda: table, label="CE")
             hook.trainer = types.SimpleNamespace(model=TinyRCNN(pred), iter=1, max_iter=1)
             hook.before_train()
-            self.assertIn("losses", pred.__dict__)
+            # A scores hook is registered; the predictor's own losses stay in place.
+            self.assertEqual(len(pred._scores_hooks), 1)
+            self.assertNotIn("losses", pred.__dict__)
             with EventStorage():
                 hooked_step(pred, BATCHES[0])
             stats = hook.totals()
+            self.assertGreater(stats.sum(), 0.0)
             hook.after_train()
-            self.assertNotIn("losses", pred.__dict__)
+            # ... and removed at the end: further steps add nothing.
+            self.assertEqual(len(pred._scores_hooks), 0)
+            self.assertEqual(hook._handles, [])
+            with EventStorage():
+                hooked_step(pred, BATCHES[1])
+            np.testing.assert_array_equal(hook.totals(), stats)
             out = read_grad_stats_csv(os.path.join(d, "grad_stats.csv"))
             self.assertGreater(os.path.getsize(os.path.join(d, "grad_ratio.png")), 1000)
         self.assertEqual(out["category_id"].tolist(), table["category_id"])
@@ -454,13 +490,16 @@ def load_tool(name):
     return tool
 
 
-def fake_fasa_checkpoint(path, num_stages, groups=None, passes=0, iteration=99):
+def fake_fasa_checkpoint(path, num_stages, groups=None, passes=0, iteration=99, old_keys=False):
     """
-    A DetectionCheckpointer-format dict as training writes it: real ClassFeatureBank buffers
-    under each predictor's prefix (a cascade has one per stage) and the trainer state, whose
+    A DetectionCheckpointer-format dict as training writes it: real ClassFeatureBank buffers and
+    draw probabilities under each predictor's prefix (a cascade has one per stage; ``old_keys``:
+    the predictor's own ``fasa_bank.*`` / ``fasa_probs`` of checkpoints from before FASA became
+    a module, else the module's ``fasa.bank.*`` / ``fasa.probs``) and the trainer state, whose
     hooks hold FASAAdaptationHook.state_dict() under its qualname (TrainerBase.state_dict).
-    Returns the banks' (mean, count) per stage.
+    Returns the banks' (mean, count, probs) per stage.
     """
+    bank_key, probs_key = ("fasa_bank.", "fasa_probs") if old_keys else ("fasa.bank.", "fasa.probs")
     model, banks = {"backbone.weight": torch.zeros(2)}, []
     for k in range(num_stages):
         prefix = "roi_heads.box_predictor." + (f"{k}." if num_stages > 1 else "")
@@ -468,9 +507,11 @@ def fake_fasa_checkpoint(path, num_stages, groups=None, passes=0, iteration=99):
         g = torch.Generator().manual_seed(k)
         labels = torch.tensor([0, 0, 1, 2, 3, C, C])  # class 4 unseen; C is background
         bank.update(torch.randn(len(labels), D, generator=g) + k, labels)
+        probs = torch.rand(C, generator=g)
         model[prefix + "cls_score.weight"] = torch.zeros(C + 1, D)
-        model.update({prefix + "fasa_bank." + n: t for n, t in bank.state_dict().items()})
-        banks.append((bank.mean.numpy().copy(), bank.count.numpy().copy()))
+        model.update({prefix + bank_key + n: t for n, t in bank.state_dict().items()})
+        model[prefix + probs_key] = probs
+        banks.append((bank.mean.numpy().copy(), bank.count.numpy().copy(), probs.numpy().copy()))
     hook = FASAAdaptationHook(None, "unused", 0)
     hook.passes, hook.groups = passes, groups
     trainer = {"iteration": iteration, "hooks": {type(hook).__qualname__: hook.state_dict()}}
@@ -491,21 +532,40 @@ class TestPlotFiguresTool(unittest.TestCase):
         self._dir.cleanup()
 
     def test_reads_bank_and_groups_of_a_cascade_stage(self):
-        path = os.path.join(self.dir, "model_final.pth")
-        groups = [np.arange(C) % 2, np.zeros(C, dtype=np.int64), np.array([0, 1, 1, 2, 3])]
-        banks = fake_fasa_checkpoint(path, 3, groups=groups, passes=4, iteration=399)
-        for stage, k in ((-1, 2), (0, 0), (1, 1)):
-            out = self.tool.load_fasa_bank(path, stage)
-            self.assertEqual((out["stage"], out["num_stages"]), (k, 3))
-            self.assertEqual(out["prefix"], f"roi_heads.box_predictor.{k}.")
-            np.testing.assert_array_equal(out["mean"], banks[k][0])
-            np.testing.assert_array_equal(out["count"], banks[k][1])
-            np.testing.assert_array_equal(out["groups"], groups[k])
-            self.assertEqual(out["mean"].shape, (C, D))
-        self.assertEqual(out["seen"].tolist(), [True, True, True, True, False])
-        self.assertEqual((out["passes"], out["iteration"]), (4, 399))
-        with self.assertRaisesRegex(self.tool.ToolError, "stages 0..2"):
-            self.tool.load_fasa_bank(path, 3)
+        for old_keys in (False, True):
+            with self.subTest(old_keys=old_keys):
+                path = os.path.join(self.dir, f"model_final_{int(old_keys)}.pth")
+                groups = [np.arange(C) % 2, np.zeros(C, dtype=np.int64), np.array([0, 1, 1, 2, 3])]
+                banks = fake_fasa_checkpoint(
+                    path, 3, groups=groups, passes=4, iteration=399, old_keys=old_keys
+                )
+                for stage, k in ((-1, 2), (0, 0), (1, 1)):
+                    out = self.tool.load_fasa_bank(path, stage)
+                    self.assertEqual((out["stage"], out["num_stages"]), (k, 3))
+                    self.assertEqual(out["prefix"], f"roi_heads.box_predictor.{k}.")
+                    np.testing.assert_array_equal(out["mean"], banks[k][0])
+                    np.testing.assert_array_equal(out["count"], banks[k][1])
+                    np.testing.assert_array_equal(out["probs"], banks[k][2])
+                    np.testing.assert_array_equal(out["groups"], groups[k])
+                    self.assertEqual(out["mean"].shape, (C, D))
+                self.assertEqual(out["seen"].tolist(), [True, True, True, True, False])
+                self.assertEqual((out["passes"], out["iteration"]), (4, 399))
+                with self.assertRaisesRegex(self.tool.ToolError, "stages 0..2"):
+                    self.tool.load_fasa_bank(path, 3)
+
+    def test_reads_the_state_dict_of_a_model_with_fasa(self):
+        # The keys the tool looks for are those a real predictor with FASA writes.
+        pred = make_predictor("fasa")
+        with EventStorage():
+            forward_loss(pred, BATCHES[0])  # fills the bank and initialises the probabilities
+        pred.fasa.probs.mul_(0.5)
+        path = os.path.join(self.dir, "model.pth")
+        torch.save({"model": TinyRCNN(pred).state_dict()}, path)
+        out = self.tool.load_fasa_bank(path)
+        self.assertEqual(out["prefix"], "roi_heads.box_predictor.")
+        np.testing.assert_array_equal(out["mean"], pred.fasa.bank.mean.numpy())
+        np.testing.assert_array_equal(out["seen"], pred.fasa.bank.seen.numpy())
+        np.testing.assert_array_equal(out["probs"], pred.fasa.probs.numpy())
 
     def test_no_adaptation_pass_yet(self):
         path = os.path.join(self.dir, "model_0000019.pth")

@@ -12,17 +12,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import pytest
 from fasa_seesaw import ConfigError
-from fasa_seesaw.data import add_frequency, longtail_synth
+from fasa_seesaw.data import add_frequency
 from fasa_seesaw.data.datasets import load_longtail_json, validate_lvis_json
-from fasa_seesaw.data.longtail_synth import (
-    QUICKSTART,
-    SMOKE,
-    STUDY,
-    ensure_generated,
-    generate,
-    spec_categories,
-    spec_splits,
-)
+from fasa_seesaw.data.synth import QUICKSTART, SMOKE, STUDY, ensure_generated, generate
+from fasa_seesaw.data.synth import spec as synth_spec
+from fasa_seesaw.data.synth import spec_categories, spec_splits
 
 # The smoke spec is small enough for unit tests (and is what the end-to-end test trains on).
 TINY = SMOKE
@@ -252,7 +246,7 @@ def test_spec_hash_tracks_fields_and_version(monkeypatch):
     assert TINY.spec_hash() == dataclasses.replace(TINY).spec_hash()
     assert TINY.spec_hash() != dataclasses.replace(TINY, seed=8).spec_hash()
     before = TINY.spec_hash()
-    monkeypatch.setattr(longtail_synth, "GENERATOR_VERSION", "test")
+    monkeypatch.setattr(synth_spec, "GENERATOR_VERSION", "test")
     assert TINY.spec_hash() != before
 
 
@@ -282,7 +276,7 @@ def test_test_split_only_when_asked():
     assert spec_splits(TINY) == ("train", "val")
     assert spec_splits(TINY_WITH_TEST) == ("train", "val", "test")
     assert spec_splits(STUDY) == ("train", "val", "test") and STUDY.num_test_images > 0
-    assert "test_json" not in longtail_synth.dataset_paths(TINY, "/x")
+    assert "test_json" not in synth_spec.dataset_paths(TINY, "/x")
 
 
 def test_test_split_leaves_train_and_val_unchanged(tiny, tiny_with_test):
@@ -334,7 +328,7 @@ def test_spec_hash_without_test_split_is_unchanged():
     # so already generated quickstart/smoke data stays valid.
     for spec in (QUICKSTART, TINY):
         fields = {k: v for k, v in spec.to_dict().items() if k != "num_test_images"}
-        payload = {"generator_version": longtail_synth.GENERATOR_VERSION, "spec": fields}
+        payload = {"generator_version": synth_spec.GENERATOR_VERSION, "spec": fields}
         old = hashlib.sha1(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
         assert spec.spec_hash() == old
     assert TINY_WITH_TEST.spec_hash() != TINY.spec_hash()

@@ -496,7 +496,7 @@ class TestEvalConfig(unittest.TestCase):
 
         cfg = get_cfg()
         add_fasa_seesaw_config(cfg)
-        check_eval(cfg.FASA_SEESAW.EVAL)  # defaults are fine
+        check_eval(cfg.TEST.LVIS)  # defaults are fine
         for key, value, words in (
             ("ENGINE", "fast", "ENGINE"),
             ("EXTRAS", ["fixed", "tidy"], "tidy"),
@@ -505,10 +505,19 @@ class TestEvalConfig(unittest.TestCase):
             ("TOPK_MAX_PER_IMAGE", 0, "TOPK_MAX_PER_IMAGE"),
         ):
             c = cfg.clone()
-            c.FASA_SEESAW.EVAL[key] = value
+            c.TEST.LVIS[key] = value
             with self.assertRaises(ConfigError) as cm:
-                check_eval(c.FASA_SEESAW.EVAL)
+                check_eval(c.TEST.LVIS)
             self.assertIn(words, str(cm.exception))
+            self.assertIn(f"TEST.LVIS.{key}", str(cm.exception))
+        # Several problems: the first is reported, by itself.
+        c = cfg.clone()
+        c.TEST.LVIS.ENGINE = "fast"
+        c.TEST.LVIS.FIXED_K = 0
+        with self.assertRaises(ConfigError) as cm:
+            check_eval(c.TEST.LVIS)
+        self.assertIn("TEST.LVIS.ENGINE 'fast' is unknown; use one of", str(cm.exception))
+        self.assertNotIn("FIXED_K", str(cm.exception))
 
 
 class TestPerCategoryCsv(unittest.TestCase):

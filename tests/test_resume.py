@@ -17,7 +17,7 @@ from detectron2.engine import HookBase
 
 from fasa_seesaw import add_fasa_seesaw_config
 from fasa_seesaw.data.datasets import register_lvis_json_dataset
-from fasa_seesaw.data.longtail_synth import SMOKE, dataset_paths, ensure_generated
+from fasa_seesaw.data.synth import SMOKE, dataset_paths, ensure_generated
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,8 @@ class TestResume(unittest.TestCase):
             self.assertAlmostEqual(got, full[it], places=5, msg=f"iteration {it}")
         for k, v in full_state.items():
             torch.testing.assert_close(resumed_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
-        self.assertIn("roi_heads.box_predictor.fasa_probs", full_state)
+        for key in ("fasa.probs", "fasa.bank.mean", "cls_loss.class_counts"):
+            self.assertIn("roi_heads.box_predictor." + key, full_state)
 
 
 if __name__ == "__main__":

@@ -8,25 +8,48 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from fasa_seesaw import ConfigError
-from fasa_seesaw.modeling import NormedConv2d, NormedLinear, SeesawFastRCNNOutputLayers
+from fasa_seesaw import ConfigError, add_fasa_seesaw_config
+from fasa_seesaw.modeling import (
+    LongTailFastRCNNOutputLayers,
+    NormedConv2d,
+    NormedLinear,
+    SeesawFastRCNNOutputLayers,
+    SeesawLoss,
+)
 
 NUM_CLASSES = 6
+# Keyword arguments of SeesawLoss; the rest go to the predictor.
+LOSS_KWARGS = ("p", "q", "eps", "objectness_loss_weight", "sync_counts")
 
 
 def make_predictor(**kwargs):
+    """The Seesaw predictor; the cosine classifier by default, as in the Seesaw recipe."""
     torch.manual_seed(0)
+    loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
+    kwargs.setdefault("normed_classifier", True)
     return SeesawFastRCNNOutputLayers(
         ShapeSpec(channels=16),
         box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
         num_classes=NUM_CLASSES,
+        cls_loss=SeesawLoss(NUM_CLASSES, **loss_kwargs),
         **kwargs,
     )
+
+
+def seesaw_cfg(**box_head):
+    cfg = get_cfg()
+    add_fasa_seesaw_config(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER = True
+    for key, value in box_head.items():
+        cfg.MODEL.ROI_BOX_HEAD[key] = value
+    return cfg
 
 
 def make_proposals(gt_classes_per_image, seed=0):
@@ -83,7 +106,7 @@ class TestSeesawPredictor(unittest.TestCase):
             losses = pred.losses(pred(x), props)
             latest = storage.latest()
         self.assertEqual(set(losses), {"loss_cls", "loss_cls_objectness", "loss_box_reg"})
-        self.assertEqual(pred.class_counts.tolist(), [2 * c for c in expected_counts(gts)])
+        self.assertEqual(pred.cls_loss.class_counts.tolist(), [2 * c for c in expected_counts(gts)])
         self.assertIn("fast_rcnn/objectness_accuracy", latest)
         self.assertIn("fast_rcnn/fg_cls_accuracy", latest)
         sum(losses.values()).backward()
@@ -96,7 +119,7 @@ class TestSeesawPredictor(unittest.TestCase):
             bg = pred.losses(pred(torch.randn(3, 16)), make_proposals([[6, 6, 6]]))
         self.assertEqual(bg["loss_cls"].item(), 0.0)
         self.assertGreater(bg["loss_cls_objectness"].item(), 0.0)
-        self.assertEqual(pred.class_counts.sum().item(), 0)
+        self.assertEqual(pred.cls_loss.class_counts.sum().item(), 0)
 
     def test_counts_survive_checkpoint(self):
         pred = make_predictor()
@@ -106,23 +129,48 @@ class TestSeesawPredictor(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             DetectionCheckpointer(model, save_dir=d).save("ckpt")
             fresh = torch.nn.Sequential(make_predictor())
-            self.assertEqual(fresh[0].class_counts.sum().item(), 0)
+            self.assertEqual(fresh[0].cls_loss.class_counts.sum().item(), 0)
             DetectionCheckpointer(fresh).load(os.path.join(d, "ckpt.pth"))
-        self.assertEqual(fresh[0].class_counts.tolist(), [0, 1, 2, 0, 0, 0])
-        self.assertIn("0.class_counts", model.state_dict())
+        self.assertEqual(fresh[0].cls_loss.class_counts.tolist(), [0, 1, 2, 0, 0, 0])
+        self.assertIn("0.cls_loss.class_counts", model.state_dict())
 
     def test_plain_classifier_option(self):
         pred = make_predictor(normed_classifier=False)
         self.assertNotIsInstance(pred.cls_score, NormedLinear)
         self.assertEqual(pred.cls_score.out_features, NUM_CLASSES + 2)
 
+    def test_built_from_config(self):
+        for cls, cls_loss in (
+            (SeesawFastRCNNOutputLayers, "auto"),
+            (LongTailFastRCNNOutputLayers, "seesaw"),
+        ):
+            pred = cls(seesaw_cfg(CLS_LOSS=cls_loss), ShapeSpec(channels=16))
+            self.assertIsInstance(pred.cls_loss, SeesawLoss)
+            self.assertIsInstance(pred.cls_score, NormedLinear)
+            self.assertEqual(pred.cls_score.out_features, NUM_CLASSES + 2)
+
     def test_rejects_sigmoid_and_fed_loss(self):
-        with self.assertRaisesRegex(ConfigError, "USE_SIGMOID_CE"):
-            make_predictor(use_sigmoid_ce=True)
-        with self.assertRaisesRegex(ConfigError, "USE_FED_LOSS"):
-            make_predictor(use_fed_loss=True, use_sigmoid_ce=True)
+        # Seesaw is a softmax loss: the flags of detectron2's sigmoid / federated loss contradict
+        # it, whether the loss comes from the predictor's default or from CLS_LOSS.
+        for flags, key in (
+            ({"USE_SIGMOID_CE": True}, "USE_SIGMOID_CE"),
+            ({"USE_FED_LOSS": True, "USE_SIGMOID_CE": True}, "USE_FED_LOSS"),
+            ({"USE_FED_LOSS": True}, "USE_FED_LOSS"),
+        ):
+            for cls, cls_loss in (
+                (SeesawFastRCNNOutputLayers, "auto"),
+                (LongTailFastRCNNOutputLayers, "seesaw"),
+            ):
+                with self.subTest(flags=flags, cls=cls.__name__):
+                    cfg = seesaw_cfg(CLS_LOSS=cls_loss, **flags)
+                    with self.assertRaisesRegex(ConfigError, key):
+                        cls(cfg, ShapeSpec(channels=16))
         with self.assertRaisesRegex(ConfigError, "p=-1"):
             make_predictor(p=-1.0)
+        cfg = seesaw_cfg(CLS_LOSS="seesaw")
+        cfg.MODEL.SEESAW.P = -1.0
+        with self.assertRaisesRegex(ConfigError, "p=-1"):
+            LongTailFastRCNNOutputLayers(cfg, ShapeSpec(channels=16))
 
 
 class TestNormedLayers(unittest.TestCase):
@@ -164,7 +212,7 @@ def _worker(rank, world_size, init_file, sync, out_file):
             for _ in range(2):
                 pred.losses(pred(torch.randn(n, 16)), props)
         buf = io.BytesIO()
-        torch.save(pred.class_counts, buf)
+        torch.save(pred.cls_loss.class_counts, buf)
         with open(f"{out_file}.{rank}", "wb") as f:
             f.write(buf.getvalue())
     finally:
@@ -187,8 +235,10 @@ class TestDistributedCounts(unittest.TestCase):
             for _ in range(2):
                 single.losses(single(torch.randn(sum(len(p) for p in props), 16)), props)
         for c in counts:
-            self.assertEqual(c.tolist(), single.class_counts.tolist())
-        self.assertEqual(single.class_counts.tolist(), [2 * c for c in expected_counts(union)])
+            self.assertEqual(c.tolist(), single.cls_loss.class_counts.tolist())
+        self.assertEqual(
+            single.cls_loss.class_counts.tolist(), [2 * c for c in expected_counts(union)]
+        )
 
     def test_per_process_counts_when_not_synced(self):
         counts = self._run(sync=False)

@@ -102,7 +102,7 @@ class TestLongTailStudy(unittest.TestCase):
                     self.assertIn(key, x[task])
                 self.assertTrue(0.0 <= x[task]["AP"] <= 100.0)
         # Rare classes with AP > 0, counted from the per-category CSVs of every run.
-        from fasa_seesaw.data.longtail_synth import SMOKE, spec_categories
+        from fasa_seesaw.data.synth import SMOKE, spec_categories
 
         num_rare = sum(c["frequency"] == "r" for c in spec_categories(SMOKE))
         for x in runs:

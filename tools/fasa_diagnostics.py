@@ -60,24 +60,33 @@ def train_command(run_dir):
     return None, None
 
 
+def upgrade_saved_config(data):
+    """A run's saved config.yaml (nested dict) under today's key names."""
+    from fasa_seesaw.config import upgrade_config_dict
+
+    return upgrade_config_dict(data)
+
+
 def training_cfg(run_dir):
     """The config the run trained with, FASA's held-out carve included (registered here)."""
     from detectron2.config import get_cfg
 
     from fasa_seesaw import add_fasa_seesaw_config
+    from fasa_seesaw.config import merge_config
     from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 
     config_file, opts = train_command(run_dir)
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
     if config_file is not None:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(opts)
+        merge_config(cfg, config_file, opts)  # a renamed key: a ConfigError naming the new one
     else:  # a train_net.py run outside the study: its config.yaml names the carved split
         saved = os.path.join(run_dir, "config.yaml")
         if not os.path.isfile(saved):
             raise ToolError(f"{run_dir} has neither study_run.json nor config.yaml")
-        cfg.merge_from_file(saved)
+        # Written by train_net.py, possibly before keys were renamed.
+        data = upgrade_saved_config(cfg.load_yaml_with_base(saved, allow_unsafe=True))
+        cfg.merge_from_other_cfg(type(cfg)(data))
         bases = tuple(pf.metadata_dataset(n) for n in cfg.DATASETS.TRAIN)
         if bases != tuple(cfg.DATASETS.TRAIN):  # train_net.py carved the split: carve it again
             cfg.DATASETS.TRAIN = bases
@@ -184,12 +193,12 @@ def diagnose(run_dir):
     bank = pf.load_fasa_bank(weights)
     probs = bank["probs"]
     if probs is None:
-        raise ToolError(f"{weights} holds no FASA draw probabilities (fasa_probs)")
+        raise ToolError(f"{weights} holds no FASA draw probabilities (fasa.probs)")
     counts = instance_counts_of(cfg.DATASETS.TRAIN, C)
     p0 = initial_probabilities(counts, cfg.MODEL.FASA.INIT_PROBS)
     freq = np.asarray(pf.category_info(cfg)["frequency"])
     a = cfg.MODEL.FASA.ADAPT
-    exps = adaptation_exponents(probs / p0, bank["passes"], a.UP, a.DOWN)
+    exps = adaptation_exponents(probs / p0, bank["passes"], a.UP_FACTOR, a.DOWN_FACTOR)
     clamped = probs >= 1.0 - 1e-6  # the rule's clamp at 1 ends the product form
     groups = bank["groups"]
     sizes = np.bincount(groups) if groups is not None else np.zeros(0, dtype=int)

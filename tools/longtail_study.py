@@ -173,7 +173,7 @@ def resolve_datasets(args):
 
     import fasa_seesaw.data  # noqa: F401  (registers the built-in datasets)
     from fasa_seesaw.data import builtin_dataset_name
-    from fasa_seesaw.data.longtail_synth import SPECS, spec_splits
+    from fasa_seesaw.data.synth import SPECS, spec_splits
 
     split = args.split or "val"
     if not (args.train_dataset and args.eval_dataset):

@@ -34,14 +34,19 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from fasa_seesaw import add_fasa_seesaw_config  # also registers the built-in datasets
+from fasa_seesaw import ConfigError, add_fasa_seesaw_config  # also registers the datasets
+from fasa_seesaw.config import merge_config
 from fasa_seesaw.data.heldout import base_dataset
 from fasa_seesaw.engine.grad_stats import category_table
 from fasa_seesaw.evaluation.figures import FREQUENCY_NAMES, fasa_tsne_figure, plot_side_by_side
 from fasa_seesaw.evaluation.report import unique_path
 
 HOOK_NAME = "FASAAdaptationHook"  # the key detectron2's TrainerBase.state_dict gives its state
-_BANK_MEAN = re.compile(r"^(.*)fasa_bank\.mean$")
+# A box predictor's FASA state in a model state dict, after the predictor's prefix: the FASA
+# module's (bank, draw probabilities), or, in checkpoints from before FASA became a module, the
+# predictor's own buffers.
+_FASA_LAYOUTS = (("fasa.bank.", "fasa.probs"), ("fasa_bank.", "fasa_probs"))
+_BANK_MEAN = re.compile(r"^(.*)(fasa\.bank\.|fasa_bank\.)mean$")
 _FREQUENCY_GROUP = {"f": 0, "c": 1, "r": 2}
 # Splits train_net.py carves for FASA (fasa_seesaw.data.heldout); a saved config.yaml names them.
 _SPLIT_SUFFIXES = ("_fasa_fit", "_fasa_heldout")
@@ -57,8 +62,10 @@ def build_cfg(config_file: str, opts: Sequence[str] = (), weights: Optional[str]
         raise ToolError(f"config file {config_file} does not exist")
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    try:
+        merge_config(cfg, config_file, list(opts))  # a renamed key: an error naming the new one
+    except ConfigError as e:
+        raise ToolError(str(e)) from None
     if weights is not None:
         cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
@@ -107,7 +114,9 @@ def load_fasa_bank(path: str, stage: int = -1) -> Dict[str, object]:
     """
     The FASA feature bank of one predictor and the classes' adaptation groups, from a
     DetectionCheckpointer checkpoint ({"model": state dict, "trainer": {"iteration", "hooks":
-    {hook qualname: state}}, ...}) or a bare model state dict.
+    {hook qualname: state}}, ...}) or a bare model state dict. Both state-dict layouts are read:
+    ``<predictor>.fasa.bank.*`` and ``<predictor>.fasa.probs`` (the FASA module), and the
+    ``<predictor>.fasa_bank.*`` and ``<predictor>.fasa_probs`` of older checkpoints.
 
     Args:
         stage: which FASA predictor, as a Python index over those in the checkpoint in stage
@@ -134,10 +143,12 @@ def load_fasa_bank(path: str, stage: int = -1) -> Dict[str, object]:
     is_checkpoint = isinstance(ckpt.get("model", None), dict)
     model = ckpt["model"] if is_checkpoint else ckpt
     matches = (_BANK_MEAN.match(key) for key in model if isinstance(key, str))
-    prefixes = sorted((m.group(1) for m in matches if m is not None), key=_natural_key)
+    layouts = dict(_FASA_LAYOUTS)
+    found = {m.group(1): m.group(2) for m in matches if m is not None}
+    prefixes = sorted(found, key=_natural_key)
     if not prefixes:
         raise ToolError(
-            f"{path} has no FASA feature bank (no '...fasa_bank.mean' in its model state); "
+            f"{path} has no FASA feature bank (no '...fasa.bank.mean' in its model state); "
             "train with MODEL.FASA.ENABLED True"
         )
     n = len(prefixes)
@@ -148,7 +159,8 @@ def load_fasa_bank(path: str, stage: int = -1) -> Dict[str, object]:
         )
     k = stage % n
     prefix = prefixes[k]
-    bank = prefix + "fasa_bank."
+    bank = prefix + found[prefix]
+    probs = prefix + layouts[found[prefix]]
     missing = [b for b in ("mean", "var", "count") if bank + b not in model]
     if missing:
         raise ToolError(f"{path}: the FASA bank at '{bank}' lacks {missing}")
@@ -158,12 +170,8 @@ def load_fasa_bank(path: str, stage: int = -1) -> Dict[str, object]:
         "var": _numpy(model[bank + "var"]).astype(np.float64),
         "count": count,
         "seen": count > 0,  # ClassFeatureBank.seen
-        # The draw probabilities (FASAFastRCNNOutputLayers.fasa_probs), when present.
-        "probs": (
-            _numpy(model[prefix + "fasa_probs"]).astype(np.float64)
-            if prefix + "fasa_probs" in model
-            else None
-        ),
+        # The draw probabilities (FASA.probs), when present.
+        "probs": _numpy(model[probs]).astype(np.float64) if probs in model else None,
         "groups": None,
         "passes": 0,
         "stage": k,

@@ -1,13 +1,32 @@
 # Copyright (c) fasa_seesaw contributors.
+import copy
+
 from detectron2.config import CfgNode as CN
+
+from .errors import ConfigError
 
 
 def add_fasa_seesaw_config(cfg):
     """
-    Add the keys of this project. Model keys live under MODEL.SEESAW and MODEL.NORMED_MASK_HEAD,
-    everything else under FASA_SEESAW; no core detectron2 key is reused.
+    Add the keys of this project: the box predictor's under MODEL.ROI_BOX_HEAD (CLS_LOSS,
+    NORMED_CLASSIFIER, NORM_TEMP), the normed mask head's under MODEL.ROI_MASK_HEAD (NORM_TEMP),
+    the methods' under MODEL.SEESAW and MODEL.FASA, LVIS evaluation under TEST.LVIS and the rest
+    under FASA_SEESAW. No core detectron2 key changes meaning.
     """
     _C = cfg
+
+    # Classification loss of the box predictor of LongTailROIHeads / LongTailCascadeROIHeads:
+    # "softmax_ce", "sigmoid_ce", "federated" (detectron2's), "seesaw", or "auto": the ROI
+    # head's default (Seesaw for SeesawROIHeads), else detectron2's as USE_SIGMOID_CE and
+    # USE_FED_LOSS select it.
+    _C.MODEL.ROI_BOX_HEAD.CLS_LOSS = "auto"
+    # Cosine (normalised) classifier for all outputs of the box predictor, as in the Seesaw
+    # recipe; False: detectron2's linear classifier.
+    _C.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER = False
+    # Temperature (scale) of the cosine classifier.
+    _C.MODEL.ROI_BOX_HEAD.NORM_TEMP = 20.0
+    # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
+    _C.MODEL.ROI_MASK_HEAD.NORM_TEMP = 20.0
 
     _C.MODEL.SEESAW = CN()
     # Mitigation exponent p: M_ij = (N_j / N_i)^p when N_j < N_i. 0 switches mitigation off.
@@ -21,17 +40,13 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.SEESAW.LOSS_WEIGHT = 1.0
     # Weight of the 2-way objectness loss (all sampled RoIs).
     _C.MODEL.SEESAW.OBJECTNESS_LOSS_WEIGHT = 1.0
-    # Use the cosine (normalised) classifier for all C+2 outputs, as in the reference recipe.
-    _C.MODEL.SEESAW.NORMED_CLASSIFIER = True
-    # Temperature (scale) of the cosine classifier.
-    _C.MODEL.SEESAW.TEMPERATURE = 20.0
     # Sum the per-class foreground counts over all processes (True), or keep them per process
     # as the mmdetection reference does (False).
     _C.MODEL.SEESAW.SYNC_COUNTS = True
 
     _C.MODEL.FASA = CN()
-    # Feature Augmentation and Sampling Adaptation. Needs ROI_HEADS.NAME FASAROIHeads,
-    # FASACascadeROIHeads (detectron2's CE / sigmoid / federated loss) or a Seesaw ROI head.
+    # Feature Augmentation and Sampling Adaptation, with any CLS_LOSS. Needs ROI_HEADS.NAME
+    # LongTailROIHeads or LongTailCascadeROIHeads (or one of their aliases).
     _C.MODEL.FASA.ENABLED = False
     # Weight of the virtual features' classification loss.
     _C.MODEL.FASA.LOSS_WEIGHT = 0.1
@@ -52,7 +67,7 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.FASA.BANK_VARIANCE = "sample"
     # All-reduce bank statistics so every process holds the same bank; False: one bank per
     # process from its own RoIs, as the reference keeps one per GPU.
-    _C.MODEL.FASA.SYNC = True
+    _C.MODEL.FASA.SYNC_BANK = True
     # Initial draw probabilities: "inverse_frequency" (training instance counts) or "uniform".
     _C.MODEL.FASA.INIT_PROBS = "inverse_frequency"
 
@@ -92,13 +107,30 @@ def add_fasa_seesaw_config(cfg):
     # (per-category box AP from inference + LVIS evaluation on the held-out set; supplement
     # Table 3: slightly better, much more costly; groups compare their mean AP).
     _C.MODEL.FASA.ADAPT.SIGNAL = "loss"
-    # p *= UP for a group whose validation loss fell, p *= DOWN for one whose loss rose.
-    _C.MODEL.FASA.ADAPT.UP = 1.1
-    _C.MODEL.FASA.ADAPT.DOWN = 0.9
+    # p *= UP_FACTOR for a group whose validation loss fell, p *= DOWN_FACTOR for one whose
+    # loss rose.
+    _C.MODEL.FASA.ADAPT.UP_FACTOR = 1.1
+    _C.MODEL.FASA.ADAPT.DOWN_FACTOR = 0.9
 
-    _C.MODEL.NORMED_MASK_HEAD = CN()
-    # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
-    _C.MODEL.NORMED_MASK_HEAD.TEMPERATURE = 20.0
+    # LVIS evaluation of train_net.py (fasa_seesaw.evaluation).
+    _C.TEST.LVIS = CN()
+    # "hotcoco" (fast, Rust) or "lvis" (the official lvis-api); they give the same numbers.
+    _C.TEST.LVIS.ENGINE = "hotcoco"
+    # Extra metrics besides LVIS AP: any of "fixed" (AP-Fixed), "pool" (AP-Pool), "tide".
+    _C.TEST.LVIS.EXTRAS = []
+    # K of AP-Fixed and AP-Pool: detections kept per class over the dataset.
+    _C.TEST.LVIS.FIXED_K = 10000
+    # > 0: keep only the top K results per class while collecting predictions (memory bounded
+    # by K x classes), lifting the per-image cap (see TOPK_MAX_PER_IMAGE) and dropping what can
+    # no longer enter a class's top K; for AP-Fixed, pair it with a low
+    # MODEL.ROI_HEADS.SCORE_THRESH_TEST (e.g. 0.0001) and TOPK_PER_CLASS >= FIXED_K.
+    _C.TEST.LVIS.TOPK_PER_CLASS = 0
+    # In that mode, the most detections kept per image (-1: no cap). It bounds the memory of the
+    # first images, before the per-class floors rise: the mask head predicts N x classes x 28 x
+    # 28 logits for N detections (1000 x 1203 classes: 3.8 GB in fp32).
+    _C.TEST.LVIS.TOPK_MAX_PER_IMAGE = 1000
+    # Write per_category_ap_<task>.png next to the CSV.
+    _C.TEST.LVIS.FIGURES = True
 
     _C.FASA_SEESAW = CN()
     # Print a one-line progress report with an ETA every this many iterations (0: off).
@@ -106,28 +138,108 @@ def add_fasa_seesaw_config(cfg):
     # Fail early when MODEL.ROI_HEADS.NUM_CLASSES disagrees with the training dataset's categories.
     _C.FASA_SEESAW.CHECK_NUM_CLASSES = True
 
-    # LVIS evaluation of train_net.py (fasa_seesaw.evaluation).
-    _C.FASA_SEESAW.EVAL = CN()
-    # "hotcoco" (fast, Rust) or "lvis" (the official lvis-api); they give the same numbers.
-    _C.FASA_SEESAW.EVAL.ENGINE = "hotcoco"
-    # Extra metrics besides LVIS AP: any of "fixed" (AP-Fixed), "pool" (AP-Pool), "tide".
-    _C.FASA_SEESAW.EVAL.EXTRAS = []
-    # K of AP-Fixed and AP-Pool: detections kept per class over the dataset.
-    _C.FASA_SEESAW.EVAL.FIXED_K = 10000
-    # > 0: keep only the top K results per class while collecting predictions (memory bounded
-    # by K x classes), lifting the per-image cap (see TOPK_MAX_PER_IMAGE) and dropping what can
-    # no longer enter a class's top K; for AP-Fixed, pair it with a low
-    # MODEL.ROI_HEADS.SCORE_THRESH_TEST (e.g. 0.0001) and TOPK_PER_CLASS >= FIXED_K.
-    _C.FASA_SEESAW.EVAL.TOPK_PER_CLASS = 0
-    # In that mode, the most detections kept per image (-1: no cap). It bounds the memory of the
-    # first images, before the per-class floors rise: the mask head predicts N x classes x 28 x
-    # 28 logits for N detections (1000 x 1203 classes: 3.8 GB in fp32).
-    _C.FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE = 1000
-    # Write per_category_ap_<task>.png next to the CSV.
-    _C.FASA_SEESAW.EVAL.FIGURES = True
-
     _C.FASA_SEESAW.GRAD_STATS = CN()
     # Accumulate per-category positive and negative gradients on the class logits during
     # training (Seesaw supplement Figure A1) and write OUTPUT_DIR/grad_stats.csv and
     # grad_ratio.png at the end (fasa_seesaw.engine.grad_stats.GradientStatsHook).
     _C.FASA_SEESAW.GRAD_STATS.ENABLED = False
+
+
+# Keys that moved, old -> new: an old key in a config file or on the command line is an error
+# that names the new one (see merge_config).
+RENAMED_KEYS = {
+    "MODEL.SEESAW.NORMED_CLASSIFIER": "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER",
+    "MODEL.SEESAW.TEMPERATURE": "MODEL.ROI_BOX_HEAD.NORM_TEMP",
+    "MODEL.NORMED_MASK_HEAD.TEMPERATURE": "MODEL.ROI_MASK_HEAD.NORM_TEMP",
+    "MODEL.FASA.SYNC": "MODEL.FASA.SYNC_BANK",
+    "MODEL.FASA.ADAPT.UP": "MODEL.FASA.ADAPT.UP_FACTOR",
+    "MODEL.FASA.ADAPT.DOWN": "MODEL.FASA.ADAPT.DOWN_FACTOR",
+    "FASA_SEESAW.EVAL.ENGINE": "TEST.LVIS.ENGINE",
+    "FASA_SEESAW.EVAL.EXTRAS": "TEST.LVIS.EXTRAS",
+    "FASA_SEESAW.EVAL.FIXED_K": "TEST.LVIS.FIXED_K",
+    "FASA_SEESAW.EVAL.TOPK_PER_CLASS": "TEST.LVIS.TOPK_PER_CLASS",
+    "FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE": "TEST.LVIS.TOPK_MAX_PER_IMAGE",
+    "FASA_SEESAW.EVAL.FIGURES": "TEST.LVIS.FIGURES",
+}
+_RENAMED_GROUPS = {"MODEL.NORMED_MASK_HEAD": "MODEL.ROI_MASK_HEAD", "FASA_SEESAW.EVAL": "TEST.LVIS"}
+
+
+def _renamed_error(key: str, source: str) -> ConfigError:
+    new = RENAMED_KEYS.get(key) or _RENAMED_GROUPS.get(key)
+    note = ""
+    if key == "MODEL.SEESAW.NORMED_CLASSIFIER":
+        note = (
+            " Its default is now False (detectron2's linear classifier); the Seesaw configs set "
+            "it True, and SeesawROIHeads / SeesawCascadeROIHeads always use the cosine classifier."
+        )
+    return ConfigError(
+        f"{key} ({source}) was renamed {new}; use the new key.{note} A config.yaml saved by an "
+        "earlier version converts with: python -m fasa_seesaw.config_upgrade OLD.yaml NEW.yaml"
+    )
+
+
+def _flat_keys(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = prefix + str(k)
+        yield key
+        if isinstance(v, dict):
+            yield from _flat_keys(v, key + ".")
+
+
+def merge_config(cfg, config_file: str = "", opts=()):
+    """
+    ``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, with a ConfigError
+    naming the new key when a renamed key is used, instead of detectron2's KeyError.
+    """
+    if config_file:
+        data = cfg.load_yaml_with_base(config_file, allow_unsafe=True)
+        for key in _flat_keys(data):
+            if key in RENAMED_KEYS or key in _RENAMED_GROUPS:
+                raise _renamed_error(key, f"in {config_file}")
+        cfg.merge_from_file(config_file)
+    for key in list(opts)[0::2]:
+        if key in RENAMED_KEYS:
+            raise _renamed_error(key, "on the command line")
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+_OLD_SEESAW_HEADS = ("SeesawROIHeads", "SeesawCascadeROIHeads")
+
+
+def upgrade_config_dict(data: dict) -> dict:
+    """
+    A config as a nested dict (e.g. a run's saved config.yaml) with the keys of
+    :data:`RENAMED_KEYS` under their new names; ``data`` is not changed. The old
+    MODEL.SEESAW.NORMED_CLASSIFIER only acted on the Seesaw heads, so it becomes False for others.
+    """
+    data = copy.deepcopy(data)
+    missing = object()
+
+    def pop(key):
+        *parents, leaf = key.split(".")
+        node = data
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        return node.pop(leaf, missing) if isinstance(node, dict) else missing
+
+    def put(key, value):
+        *parents, leaf = key.split(".")
+        node = data
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+
+    head = data.get("MODEL", {}).get("ROI_HEADS", {}).get("NAME")
+    for old, new in RENAMED_KEYS.items():
+        value = pop(old)
+        if value is missing:
+            continue
+        if old == "MODEL.SEESAW.NORMED_CLASSIFIER" and head not in _OLD_SEESAW_HEADS:
+            value = False
+        put(new, value)
+    for group in _RENAMED_GROUPS:  # emptied by the moves
+        rest = pop(group)
+        if rest not in (missing, {}):
+            put(group, rest)  # keys that never existed: the merge refuses them
+    return data

@@ -4,15 +4,18 @@
 from . import datasets  # noqa: F401  (registers datasets)
 from .datasets import (
     BUILTIN_DATASETS,
+    DATASET_ARG_HELP,
     builtin_dataset_name,
     load_longtail_json,
     metadata_from_categories,
     prepare_datasets,
     register_longtail_lvis,
+    register_dataset_args,
     register_lvis_json_dataset,
     validate_lvis_json,
 )
-from .longtail_synth import (
+from .counts import lvis_frequency
+from .synth import (
     QUICKSTART,
     SPECS,
     STUDY,
@@ -22,13 +25,13 @@ from .longtail_synth import (
     ensure_generated,
     generate,
     lvis_equivalent_repeat_threshold,
-    lvis_frequency,
     spec_categories,
     spec_splits,
 )
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "DATASET_ARG_HELP",
     "QUICKSTART",
     "SPECS",
     "STUDY",
@@ -44,6 +47,7 @@ __all__ = [
     "metadata_from_categories",
     "prepare_datasets",
     "register_longtail_lvis",
+    "register_dataset_args",
     "register_lvis_json_dataset",
     "spec_categories",
     "spec_splits",

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Dict, Optional, Sequence
 
-from .longtail_synth import lvis_frequency
+from .counts import lvis_frequency
 
 logger = logging.getLogger(__name__)
 

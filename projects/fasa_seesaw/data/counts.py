@@ -8,7 +8,28 @@ from typing import Sequence, Tuple
 
 from detectron2.data import DatasetCatalog
 
-__all__ = ["instance_counts_of", "image_counts_of", "epoch_iterations"]
+__all__ = [
+    "COMMON_MAX_IMAGES",
+    "FREQUENCY_GROUPS",
+    "RARE_MAX_IMAGES",
+    "epoch_iterations",
+    "image_counts_of",
+    "instance_counts_of",
+    "lvis_frequency",
+]
+
+# LVIS v1 thresholds on the number of TRAINING images containing a class.
+RARE_MAX_IMAGES = 10
+COMMON_MAX_IMAGES = 100
+FREQUENCY_GROUPS = ("r", "c", "f")
+
+
+def lvis_frequency(image_counts) -> np.ndarray:
+    """Maps training image counts to LVIS frequency groups (r: <=10, c: 11..100, f: >100)."""
+    counts = np.asarray(image_counts)
+    return np.where(
+        counts <= RARE_MAX_IMAGES, "r", np.where(counts <= COMMON_MAX_IMAGES, "c", "f")
+    ).astype("<U1")
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,7 +1,7 @@
 # Copyright (c) fasa_seesaw contributors.
 """Registration of LVIS-format long-tailed datasets with detectron2.
 
-Importing this module registers the built-in synthetic datasets (see longtail_synth.py):
+Importing this module registers the built-in synthetic datasets (see the synth package):
 
     longtail_synth_quickstart_train, longtail_synth_quickstart_val,
     longtail_synth_study_train, longtail_synth_study_val, longtail_synth_study_test,
@@ -11,7 +11,7 @@ Importing this module registers the built-in synthetic datasets (see longtail_sy
 
 Their metadata (thing_classes, class_image_count, thing_frequency) is available right after
 import, computed from the spec alone; the images are generated (once, cached under
-longtail_synth.default_root()) only when a dataset is first loaded. The names deliberately avoid
+synth.default_root()) only when a dataset is first loaded. The names deliberately avoid
 "v1": detectron2 treats dataset names containing "v1" as the real LVIS and would look up its
 built-in metadata.
 
@@ -30,13 +30,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..errors import ConfigError
-from .longtail_synth import (
+from .counts import lvis_frequency
+from .synth import (
     SPECS,
     SynthSpec,
     dataset_paths,
     default_root,
     ensure_generated,
-    lvis_frequency,
     spec_categories,
     spec_splits,
 )
@@ -44,6 +44,9 @@ from .longtail_synth import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DATASET_ARG_HELP",
+    "parse_dataset_arg",
+    "register_dataset_args",
     "BUILTIN_DATASETS",
     "builtin_dataset_name",
     "validate_lvis_json",
@@ -343,6 +346,51 @@ def register_lvis_json_dataset(name: str, json_file: str, image_root: str) -> No
     """
     # register_longtail_lvis validates when it reads the categories from the json.
     register_longtail_lvis(name, json_file, image_root)
+
+
+DATASET_ARG_HELP = (
+    "register an LVIS-format dataset before the config is read: NAME=JSON:IMAGE_ROOT, e.g. "
+    "my_train=data/train.json:data/images (repeatable; then use NAME in DATASETS.TRAIN/TEST)"
+)
+
+
+def parse_dataset_arg(spec: str):
+    """``NAME=JSON:IMAGE_ROOT`` -> (name, json_file, image_root), with a clear error if bad."""
+    name, eq, rest = spec.partition("=")
+    json_file, colon, image_root = rest.partition(":")
+    if not (eq and colon and name and json_file and image_root):
+        raise ConfigError(
+            f"--dataset {spec!r} is not NAME=JSON:IMAGE_ROOT (e.g. "
+            "my_train=data/train.json:data/images)."
+        )
+    if not os.path.isfile(json_file):
+        raise ConfigError(f"--dataset {name}: the json '{json_file}' does not exist.")
+    if not os.path.isdir(image_root):
+        raise ConfigError(f"--dataset {name}: the image root '{image_root}' is not a directory.")
+    return name, json_file, image_root
+
+
+def register_dataset_args(specs: Sequence[str]) -> List[str]:
+    """Registers each ``NAME=JSON:IMAGE_ROOT`` (validated as :func:`register_lvis_json_dataset`
+    does); a name registered before with the same files is left as it is. Returns the names."""
+    names = []
+    for spec in specs or ():
+        name, json_file, image_root = parse_dataset_arg(spec)
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            same = (meta.get("json_file", None), meta.get("image_root", None)) == (
+                json_file,
+                image_root,
+            )
+            if not same:
+                raise ConfigError(
+                    f"--dataset {name}: a dataset of that name is already registered with other "
+                    "files; choose another name."
+                )
+        else:
+            register_lvis_json_dataset(name, json_file, image_root)
+        names.append(name)
+    return names
 
 
 def _spec_metadata_categories(spec: SynthSpec) -> List[dict]:

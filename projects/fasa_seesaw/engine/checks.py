@@ -1,125 +1,114 @@
 # Copyright (c) fasa_seesaw contributors.
 """Pre-flight checks that turn common mistakes into one clear message before any model is built."""
 
-from detectron2.data import MetadataCatalog
+import os
 
-from ..errors import ConfigError
-from ..modeling.fasa_feature_bank import VARIANCES
-from ..modeling.fasa_sampling import GROUP_SIGNALS
+from detectron2.data import MetadataCatalog
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+
+from ..errors import ConfigError, check_choice, check_range
+from ..modeling.cls_losses import resolve_cls_loss
+from ..modeling.fasa_feature_bank import check_bank_settings
+from ..modeling.fasa_sampling import INIT_PROBS
 from ..modeling.seesaw_loss import check_seesaw_params
 
-__all__ = ["check_config"]
-
-_SEESAW_HEADS = ("SeesawROIHeads", "SeesawCascadeROIHeads")
-_FASA_HEADS = _SEESAW_HEADS + ("FASAROIHeads", "FASACascadeROIHeads")
+__all__ = ["check_config", "check_output_dir", "check_test_datasets"]
 
 
 def check_config(cfg):
     """Raise ConfigError naming the problem and the fix; returns None when all is well."""
-    if cfg.MODEL.ROI_HEADS.NAME in _SEESAW_HEADS:
-        if cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE or cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS:
-            raise ConfigError(
-                f"{cfg.MODEL.ROI_HEADS.NAME} uses Seesaw Loss, a softmax loss; it cannot be "
-                "combined with MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE or USE_FED_LOSS. Set both "
-                "to False, or use StandardROIHeads/CascadeROIHeads for the sigmoid/federated loss."
-            )
-        check_seesaw_params(cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS)
-    if cfg.MODEL.FASA.ENABLED and cfg.MODEL.ROI_HEADS.NAME not in _FASA_HEADS:
-        raise ConfigError(
-            f"MODEL.FASA.ENABLED is True but MODEL.ROI_HEADS.NAME is "
-            f"{cfg.MODEL.ROI_HEADS.NAME!r}, which has no FASA. Use one of {list(_FASA_HEADS)} "
-            "(FASAROIHeads/FASACascadeROIHeads keep detectron2's classification loss)."
-        )
+    check_model(cfg)
     if cfg.MODEL.FASA.ENABLED:
         check_fasa(cfg.MODEL.FASA)
-        if cfg.MODEL.ROI_BOX_HEAD.NUM_FC < 1:
-            raise ConfigError(
-                "FASA models the box head's last fully-connected feature, but "
-                "MODEL.ROI_BOX_HEAD.NUM_FC is 0 (the head outputs a conv map). Set NUM_FC >= 1, "
-                "or MODEL.FASA.ENABLED False."
-            )
-    check_eval(cfg.FASA_SEESAW.EVAL)
+    check_eval(cfg.TEST.LVIS)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
         check_num_classes(cfg)
 
 
+def check_model(cfg):
+    """The ROI head, its classification loss and FASA fit together."""
+    from ..modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
+
+    head = cfg.MODEL.ROI_HEADS.NAME
+    ours = (LongTailROIHeads, LongTailCascadeROIHeads)
+    if head not in ROI_HEADS_REGISTRY:
+        raise ConfigError(f"MODEL.ROI_HEADS.NAME {head!r} is not a registered ROI head.")
+    if not issubclass(ROI_HEADS_REGISTRY.get(head), ours):
+        extras = [
+            key
+            for key, on in (
+                ("MODEL.FASA.ENABLED", cfg.MODEL.FASA.ENABLED),
+                ("MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER", cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER),
+                ("MODEL.ROI_BOX_HEAD.CLS_LOSS", cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS != "auto"),
+                ("TEST.LVIS.TOPK_PER_CLASS", cfg.TEST.LVIS.TOPK_PER_CLASS > 0),
+            )
+            if on
+        ]
+        if extras:
+            raise ConfigError(
+                f"{', '.join(extras)} need(s) the project's box predictor, but "
+                f"MODEL.ROI_HEADS.NAME is {head!r}. Use LongTailROIHeads (or "
+                "LongTailCascadeROIHeads for Cascade R-CNN)."
+            )
+        return
+    if resolve_cls_loss(cfg) == "seesaw":
+        check_seesaw_params(cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS)
+    if cfg.MODEL.FASA.ENABLED and cfg.MODEL.ROI_BOX_HEAD.NUM_FC < 1:
+        raise ConfigError(
+            "FASA models the box head's last fully-connected feature, but "
+            "MODEL.ROI_BOX_HEAD.NUM_FC is 0 (the head outputs a conv map). Set NUM_FC >= 1, "
+            "or MODEL.FASA.ENABLED False."
+        )
+
+
 def check_eval(e):
-    """FASA_SEESAW.EVAL, checked before training rather than at the first evaluation."""
+    """TEST.LVIS, checked before training rather than at the first evaluation."""
     from ..evaluation.lvis_engines import ENGINES
     from ..evaluation.report import EXTRAS
 
-    problems = []
-    if e.ENGINE not in ENGINES:
-        problems.append(f"FASA_SEESAW.EVAL.ENGINE {e.ENGINE!r} is unknown: use one of {ENGINES}")
+    check_choice("TEST.LVIS.ENGINE", e.ENGINE, ENGINES)
     bad = [x for x in e.EXTRAS if x not in EXTRAS]
     if bad:
-        problems.append(f"FASA_SEESAW.EVAL.EXTRAS has unknown {bad}: choose from {EXTRAS}")
+        raise ConfigError(f"TEST.LVIS.EXTRAS has unknown {bad}: choose from {list(EXTRAS)}.")
     if e.FIXED_K <= 0:
-        problems.append(f"FASA_SEESAW.EVAL.FIXED_K must be positive, got {e.FIXED_K}")
+        raise ConfigError(f"TEST.LVIS.FIXED_K must be positive, got {e.FIXED_K}.")
     if 0 < e.TOPK_PER_CLASS < e.FIXED_K:
-        problems.append(
-            f"FASA_SEESAW.EVAL.TOPK_PER_CLASS ({e.TOPK_PER_CLASS}) is below FIXED_K "
-            f"({e.FIXED_K}): every class would count as having fewer than K; make them equal"
+        raise ConfigError(
+            f"TEST.LVIS.TOPK_PER_CLASS ({e.TOPK_PER_CLASS}) is below FIXED_K ({e.FIXED_K}): "
+            "every class would count as having fewer than K; make them equal."
         )
     if e.TOPK_MAX_PER_IMAGE == 0 or e.TOPK_MAX_PER_IMAGE < -1:
-        problems.append("FASA_SEESAW.EVAL.TOPK_MAX_PER_IMAGE must be positive or -1 (no cap)")
-    if problems:
-        raise ConfigError("; ".join(problems) + ".")
+        raise ConfigError("TEST.LVIS.TOPK_MAX_PER_IMAGE must be positive or -1 (no cap).")
 
 
 def check_fasa(c):
-    from .fasa_hook import CLUSTERING
+    """MODEL.FASA, with the validators the modules themselves use."""
+    from .fasa_hook import check_adapt_settings
 
-    problems = []
-    if c.BANK_MODE not in ("ema", "exact"):
-        problems.append(f"MODEL.FASA.BANK_MODE {c.BANK_MODE!r} is unknown: use 'ema' or 'exact'")
-    if c.INIT_PROBS not in ("inverse_frequency", "uniform"):
-        problems.append(
-            f"MODEL.FASA.INIT_PROBS {c.INIT_PROBS!r} is unknown: use 'inverse_frequency' or "
-            "'uniform'"
-        )
-    if not 0.0 < c.BANK_MOMENTUM <= 1.0:
-        problems.append(f"MODEL.FASA.BANK_MOMENTUM must lie in (0, 1], got {c.BANK_MOMENTUM}")
+    check_bank_settings(c.BANK_MODE, c.BANK_MOMENTUM, c.BANK_VARIANCE)
+    check_choice("MODEL.FASA.INIT_PROBS", c.INIT_PROBS, INIT_PROBS)
     if c.SAMPLES_PER_CLASS < 1:
-        problems.append(f"MODEL.FASA.SAMPLES_PER_CLASS must be >= 1, got {c.SAMPLES_PER_CLASS}")
-    if c.BANK_VARIANCE not in VARIANCES:
-        problems.append(
-            f"MODEL.FASA.BANK_VARIANCE {c.BANK_VARIANCE!r} is unknown: use one of {list(VARIANCES)}"
-        )
-    if c.ADAPT.CLUSTERING not in CLUSTERING:
-        problems.append(
-            f"MODEL.FASA.ADAPT.CLUSTERING {c.ADAPT.CLUSTERING!r} is unknown: use one of "
-            f"{list(CLUSTERING)}"
-        )
-    if c.ADAPT.GROUP_SIGNAL not in GROUP_SIGNALS:
-        problems.append(
-            f"MODEL.FASA.ADAPT.GROUP_SIGNAL {c.ADAPT.GROUP_SIGNAL!r} is unknown: use one of "
-            f"{list(GROUP_SIGNALS)}"
-        )
-    if c.ADAPT.BANDWIDTH < 0 or (
-        c.ADAPT.BANDWIDTH == 0 and not 0.0 < c.ADAPT.BANDWIDTH_QUANTILE <= 1.0
-    ):
-        problems.append(
-            "MODEL.FASA.ADAPT.BANDWIDTH must be > 0 (fixed) or 0 with BANDWIDTH_QUANTILE in "
-            f"(0, 1]; got {c.ADAPT.BANDWIDTH} and {c.ADAPT.BANDWIDTH_QUANTILE}"
-        )
-    if not 0.5 <= c.ADAPT.AFFINITY_DAMPING < 1.0:
-        problems.append(
-            "MODEL.FASA.ADAPT.AFFINITY_DAMPING must lie in [0.5, 1), got "
-            f"{c.ADAPT.AFFINITY_DAMPING}"
-        )
-    if c.ADAPT.SIGNAL not in ("loss", "metric"):
-        problems.append(
-            f"MODEL.FASA.ADAPT.SIGNAL {c.ADAPT.SIGNAL!r} is unknown: use 'loss' or 'metric'"
-        )
-    if not c.ADAPT.HELDOUT_DATASET and not 0.0 < c.ADAPT.HELDOUT_FRACTION < 1.0:
-        problems.append(
-            f"MODEL.FASA.ADAPT.HELDOUT_FRACTION must lie in (0, 1), got {c.ADAPT.HELDOUT_FRACTION}"
-        )
+        raise ConfigError(f"MODEL.FASA.SAMPLES_PER_CLASS must be >= 1, got {c.SAMPLES_PER_CLASS}.")
     if c.LOSS_WEIGHT < 0:
-        problems.append(f"MODEL.FASA.LOSS_WEIGHT must be >= 0, got {c.LOSS_WEIGHT}")
-    if problems:
-        raise ConfigError("; ".join(problems) + ".")
+        raise ConfigError(f"MODEL.FASA.LOSS_WEIGHT must be >= 0, got {c.LOSS_WEIGHT}.")
+    a = c.ADAPT
+    check_adapt_settings(a.CLUSTERING, a.GROUP_SIGNAL)
+    check_choice("MODEL.FASA.ADAPT.SIGNAL", a.SIGNAL, ("loss", "metric"))
+    if a.BANDWIDTH < 0 or (a.BANDWIDTH == 0 and not 0.0 < a.BANDWIDTH_QUANTILE <= 1.0):
+        raise ConfigError(
+            "MODEL.FASA.ADAPT.BANDWIDTH must be > 0 (fixed) or 0 with BANDWIDTH_QUANTILE in "
+            f"(0, 1]; got {a.BANDWIDTH} and {a.BANDWIDTH_QUANTILE}."
+        )
+    check_range("MODEL.FASA.ADAPT.AFFINITY_DAMPING", a.AFFINITY_DAMPING, 0.5, 1.0, high_open=True)
+    if not a.HELDOUT_DATASET:
+        check_range(
+            "MODEL.FASA.ADAPT.HELDOUT_FRACTION",
+            a.HELDOUT_FRACTION,
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=True,
+        )
 
 
 def check_num_classes(cfg):
@@ -132,3 +121,38 @@ def check_num_classes(cfg):
                 f"{len(classes)} categories. Set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)} "
                 "(on the command line or in the yaml), or use a dataset with that many categories."
             )
+
+
+def check_test_datasets(cfg):
+    """LVIS evaluation needs an LVIS-format json with frequency fields: check before training."""
+    from ..data.datasets import validate_lvis_json
+
+    for name in cfg.DATASETS.TEST:
+        meta = MetadataCatalog.get(name)
+        if meta.get("evaluator_type", None) != "lvis":
+            raise ConfigError(
+                f"Test dataset '{name}' has evaluator_type={meta.get('evaluator_type', None)!r}; "
+                "this project evaluates LVIS-format datasets only. Register it with "
+                "--dataset NAME=JSON:IMAGE_ROOT (or fasa_seesaw.data.register_lvis_json_dataset) "
+                "and list it in DATASETS.TEST."
+            )
+        json_file = meta.get("json_file", None)
+        if json_file and os.path.isfile(json_file):
+            validate_lvis_json(json_file)
+
+
+def check_output_dir(cfg, *, resume: bool):
+    """Refuse to train over someone's checkpoints unless asked to resume them."""
+    if resume:
+        return
+    existing = [
+        f
+        for f in ("model_final.pth", "last_checkpoint")
+        if os.path.exists(os.path.join(cfg.OUTPUT_DIR, f))
+    ]
+    if existing:
+        raise ConfigError(
+            f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds {', '.join(existing)} from an earlier "
+            "run. Pass --resume to continue that run, or choose another OUTPUT_DIR "
+            "(e.g. append `OUTPUT_DIR output/new_run` to the command); nothing was overwritten."
+        )

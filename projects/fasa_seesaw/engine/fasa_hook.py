@@ -20,13 +20,13 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from ..errors import ConfigError
-from ..modeling.fasa_fast_rcnn import FASAFastRCNNOutputLayers
+from ..errors import ConfigError, check_choice
+from ..modeling.fasa import FASA
 from ..modeling.fasa_sampling import GROUP_SIGNALS, adapt_probabilities
 from ..modeling.fasa_sampling import group_signal as fasa_group_signal
 from .rng import preserved_rng_states
 
-__all__ = ["FASAAdaptationHook", "cluster_classes", "fasa_predictors", "meanshift_bandwidth"]
+__all__ = ["FASAAdaptationHook", "cluster_classes", "fasa_modules", "meanshift_bandwidth"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,15 @@ CLUSTERING = ("meanshift", "affinity", "affinity_reference", "none")
 REFERENCE_AFFINITY_SEED = 1
 
 
-def fasa_predictors(model) -> List[FASAFastRCNNOutputLayers]:
+def fasa_modules(model) -> List[FASA]:
+    """The :class:`FASA` modules of ``model`` (one per box predictor with FASA), in order."""
     model = model.module if hasattr(model, "module") else model
-    return [
-        m for m in model.modules() if isinstance(m, FASAFastRCNNOutputLayers) and m.fasa is not None
-    ]
+    return [m for m in model.modules() if isinstance(m, FASA)]
+
+
+def check_adapt_settings(clustering: str, group_signal: str) -> None:
+    check_choice("MODEL.FASA.ADAPT.CLUSTERING", clustering, CLUSTERING)
+    check_choice("MODEL.FASA.ADAPT.GROUP_SIGNAL", group_signal, GROUP_SIGNALS)
 
 
 def meanshift_bandwidth(x: np.ndarray, bandwidth: float = 0.0, quantile: float = 0.05) -> float:
@@ -81,10 +85,7 @@ def cluster_classes(
     unseen classes get a group of their own each.
     """
     C = means.shape[0]
-    if method not in CLUSTERING:
-        raise ConfigError(
-            f"MODEL.FASA.ADAPT.CLUSTERING {method!r} is unknown; use one of {list(CLUSTERING)}."
-        )
+    check_choice("MODEL.FASA.ADAPT.CLUSTERING", method, CLUSTERING)
     groups = np.arange(C)
     if method == "affinity_reference":
         # As fasa_bbox_head.dynamic_sampling: float32 squared distances of all C means,
@@ -161,13 +162,13 @@ def _number_groups(labels):
 
 
 class _FrozenStatistics:
-    """Inside: FASA banks and Seesaw counts refuse updates, every predictor collects its
-    validation losses, BatchNorm uses running stats, and every random-number generator (python,
-    numpy, torch CPU and each accelerator's) is restored afterwards, so the pass leaves training
-    exactly as it was."""
+    """Inside: every FASA module collects its validation losses (its predictor's losses update no
+    bank, class count or weight), BatchNorm uses running stats, and every random-number
+    generator (python, numpy, torch CPU and each accelerator's) is restored afterwards, so the
+    pass leaves training exactly as it was."""
 
-    def __init__(self, model, predictors):
-        self.model, self.predictors = model, predictors
+    def __init__(self, model, fasas):
+        self.model, self.fasas = model, fasas
 
     def __enter__(self):
         with contextlib.ExitStack() as stack:  # undone at once if entering fails part-way
@@ -180,7 +181,7 @@ class _FrozenStatistics:
             stack.callback(lambda: [m.train() for m in self.norms])
             for m in self.norms:
                 m.eval()
-            self.collected = [stack.enter_context(p.collect_val_losses()) for p in self.predictors]
+            self.collected = [stack.enter_context(p.collect_val_losses()) for p in self.fasas]
             self.stack = stack.pop_all()
         return self
 
@@ -219,10 +220,7 @@ class FASAAdaptationHook(HookBase):
                 set, identical on every process; a group whose mean score rose gets p *= up.
                 train_net.py builds it from the project's LVIS evaluation (per-category AP).
         """
-        if clustering not in CLUSTERING:
-            cluster_classes(np.zeros((1, 1)), np.zeros(1, bool), clustering, seed)  # raises
-        if group_signal not in GROUP_SIGNALS:
-            fasa_group_signal(np.zeros(1), np.zeros(1), np.zeros(1, int), group_signal)  # raises
+        check_adapt_settings(clustering, group_signal)
         self.cfg = cfg.clone() if cfg is not None else None
         self.dataset = heldout_dataset
         self.period = period
@@ -255,8 +253,8 @@ class FASAAdaptationHook(HookBase):
             bandwidth_quantile=a.BANDWIDTH_QUANTILE,
             affinity_damping=a.AFFINITY_DAMPING,
             augment=a.AUGMENT,
-            up=a.UP,
-            down=a.DOWN,
+            up=a.UP_FACTOR,
+            down=a.DOWN_FACTOR,
             seed=a.SEED,
             metric_fn=metric_fn,
         )
@@ -286,12 +284,12 @@ class FASAAdaptationHook(HookBase):
         Per predictor, (loss sums, RoI counts) per class over the held-out set, all processes:
         float64 arrays of length C + 1, background RoIs counted in the last slot.
         """
-        predictors = fasa_predictors(model)
+        fasas = fasa_modules(model)
         if self._loader is None:
             self._loader = self._build_loader()
         # A throwaway EventStorage: scalars the model logs on held-out data stay out of the
         # training metrics.
-        with _FrozenStatistics(model, predictors) as frozen, EventStorage():
+        with _FrozenStatistics(model, fasas) as frozen, EventStorage():
             if self.augment:
                 # The mapper draws from the global generators, restored after every pass: seed
                 # them per pass so that passes differ and a resumed run repeats them.
@@ -307,11 +305,11 @@ class FASAAdaptationHook(HookBase):
                     dist.all_reduce(sums)
                     dist.all_reduce(counts)
                 out.append((sums.cpu().numpy(), counts.cpu().numpy()))
-        return predictors, out
+        return fasas, out
 
     def metric_signal(self, model):
         """The metric as (sums, counts) of a loss: -score per class, count 1 where defined."""
-        predictors = fasa_predictors(model)
+        fasas = fasa_modules(model)
         with preserved_rng_states():
             score = np.asarray(self.metric_fn(model), dtype=np.float64)
         defined = np.isfinite(score)
@@ -319,7 +317,7 @@ class FASAAdaptationHook(HookBase):
             np.append(np.where(defined, -score, 0.0), 0.0),
             np.append(defined.astype(np.float64), 0.0),
         )
-        return predictors, [stat for _ in predictors]
+        return fasas, [stat for _ in fasas]
 
     def _signal_mode(self):
         # A metric is compared by its mean over the group's classes with a defined value.
@@ -328,34 +326,35 @@ class FASAAdaptationHook(HookBase):
     def adapt(self):
         model = self.trainer.model
         if self.metric_fn is not None:
-            predictors, stats = self.metric_signal(model)
+            fasas, stats = self.metric_signal(model)
         else:
-            predictors, stats = self.validation_losses(model)
-        self.apply(predictors, stats, self.trainer.storage)
+            fasas, stats = self.validation_losses(model)
+        self.apply(fasas, stats, self.trainer.storage)
 
-    def apply(self, predictors, stats, storage=None):
+    def apply(self, fasas, stats, storage=None):
         """
-        One adaptation step from one pass's statistics: group the classes of each predictor,
-        compare each group's value with the previous pass's (regrouped with the current groups)
-        and move its probabilities. ``stats``: per predictor, (loss sums, RoI counts) per class,
+        One adaptation step from one pass's statistics: group the classes of each FASA module
+        (one per box predictor: per cascade stage), compare each group's value with the previous
+        pass's (regrouped with the current groups) and move its probabilities. ``stats``: per
+        module, (loss sums, RoI counts) per class,
         C + 1 entries with the background last (:meth:`validation_losses`). Scalars go to
         ``storage`` when one is given.
         """
         groups = []
-        for p in predictors:
+        for p in fasas:
             g = None
             if comm.is_main_process():
                 g = cluster_classes(
-                    p.fasa_bank.mean.cpu().numpy(),
-                    p.fasa_bank.seen.cpu().numpy(),
+                    p.bank.mean.cpu().numpy(),
+                    p.bank.seen.cpu().numpy(),
                     self.clustering,
                     self.seed,
                     **self.cluster_kwargs,
                 )
             groups.append(_broadcast(g))
         mode = self._signal_mode()
-        for k, (p, (sums, counts), g) in enumerate(zip(predictors, stats, groups)):
-            old = p.fasa_probs.cpu().numpy()
+        for k, (p, (sums, counts), g) in enumerate(zip(fasas, stats, groups)):
+            old = p.probs.cpu().numpy()
             no_cluster = (g < 0).all()  # affinity_reference found none: nothing moves
             if no_cluster:
                 g = np.arange(len(g))
@@ -365,8 +364,8 @@ class FASAAdaptationHook(HookBase):
             else:
                 prev = fasa_group_signal(*self.prev[k], g, mode)
                 new = adapt_probabilities(old, g, cur, prev, self.up, self.down)
-            p.fasa_probs.copy_(torch.as_tensor(new, dtype=p.fasa_probs.dtype))
-            prefix = f"fasa/stage{k}/" if len(predictors) > 1 else "fasa/"
+            p.probs.copy_(torch.as_tensor(new, dtype=p.probs.dtype))
+            prefix = f"fasa/stage{k}/" if len(fasas) > 1 else "fasa/"
             self._log(storage, prefix, new, g, cur, sums, counts)
         self.prev = [(np.asarray(s, np.float64), np.asarray(c, np.float64)) for s, c in stats]
         self.groups = groups

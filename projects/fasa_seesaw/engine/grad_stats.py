@@ -32,10 +32,11 @@ from torch import nn
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import HookBase
-from detectron2.layers import cat
 from detectron2.utils import comm
 
 from ..errors import ConfigError
+from ..modeling.cls_losses import resolve_cls_loss
+from ..modeling.fast_rcnn import box_predictors
 
 __all__ = [
     "GradientStatsHook",
@@ -98,8 +99,7 @@ def category_table(
     loading the data; otherwise the images are counted in ``train_datasets``. ``thing_frequency``
     gives r/c/f, else the LVIS thresholds are applied to the counts.
     """
-    from ..data.counts import image_counts_of
-    from ..data.longtail_synth import lvis_frequency
+    from ..data.counts import image_counts_of, lvis_frequency
 
     meta = MetadataCatalog.get(dataset_name)
     names = list(meta.get("thing_classes", None) or [])
@@ -181,17 +181,16 @@ def read_grad_stats_csv(path: str) -> Dict[str, np.ndarray]:
     return out
 
 
-def box_predictors(model) -> List[nn.Module]:
-    """The box predictors of a (possibly DDP-wrapped) R-CNN: one, or one per cascade stage."""
-    model = model.module if hasattr(model, "module") else model
-    heads = getattr(model, "roi_heads", None)
-    predictor = getattr(heads, "box_predictor", None)
-    if predictor is None:
+def _box_predictors(model) -> List[nn.Module]:
+    """The project's box predictors of a (possibly DDP-wrapped) R-CNN: one per cascade stage."""
+    predictors = box_predictors(model)
+    if not predictors:
         raise ConfigError(
-            "FASA_SEESAW.GRAD_STATS needs a model with roi_heads.box_predictor (an R-CNN); "
-            f"{type(model).__name__} has none. Set FASA_SEESAW.GRAD_STATS.ENABLED False."
+            "FASA_SEESAW.GRAD_STATS needs the project's box predictor (MODEL.ROI_HEADS.NAME "
+            f"LongTailROIHeads or LongTailCascadeROIHeads); {type(model).__name__} has none. Set "
+            "FASA_SEESAW.GRAD_STATS.ENABLED False, or use one of those heads."
         )
-    return list(predictor) if isinstance(predictor, nn.ModuleList) else [predictor]
+    return predictors
 
 
 class GradientStatsHook(HookBase):
@@ -201,10 +200,11 @@ class GradientStatsHook(HookBase):
     ``grad_ratio.png`` to ``output_dir`` (the sum over stages; with several stages also
     ``grad_stats_stage{k}.csv``).
 
-    Each predictor's ``losses`` is wrapped for the run so that, in a training forward, a tensor
-    hook on its scores receives dL/dscores in the backward pass. The hook returns None, so
-    losses and gradients are unchanged; it reads nothing to the host. Nothing is collected under
-    no_grad or during FASA's validation pass (``val_collect`` set). With AMP, gradients are
+    A scores hook on each predictor (``register_scores_hook``) puts, in a training forward, a
+    tensor hook on its class scores that receives dL/dscores in the backward pass. The hook
+    returns None, so losses and gradients are unchanged; it reads nothing to the host. Nothing
+    is collected under no_grad or during FASA's validation pass (the predictor calls no scores
+    hook there). With AMP, gradients are
     divided by the GradScaler's current scale, and a step whose scaled gradients overflowed
     (which the scaler skips) adds nothing.
 
@@ -253,7 +253,7 @@ class GradientStatsHook(HookBase):
     def attach(self, model) -> None:
         """Wrap the box predictors of ``model`` and allocate (or restore) the accumulators."""
         self.detach()
-        self._predictors = box_predictors(model)
+        self._predictors = _box_predictors(model)
         num_classes = {p.num_classes for p in self._predictors}
         if len(num_classes) != 1:
             raise ConfigError(f"box predictors disagree on the number of classes: {num_classes}")
@@ -272,33 +272,20 @@ class GradientStatsHook(HookBase):
                     (2, S, C),
                 )
             self._loaded = None
-        for k, p in enumerate(self._predictors):
-            p.losses = self._wrap(k, p, p.losses)
+        self._handles = [
+            p.register_scores_hook(functools.partial(self._on_scores, k, p))
+            for k, p in enumerate(self._predictors)
+        ]
 
     def detach(self) -> None:
-        """Give the predictors their own ``losses`` back."""
-        for p in self._predictors:
-            p.__dict__.pop("losses", None)
+        """Remove the scores hooks from the predictors."""
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
 
-    def _wrap(self, k: int, predictor: nn.Module, losses: Callable) -> Callable:
-        @functools.wraps(losses)
-        def wrapped(predictions, proposals):
-            scores = predictions[0]
-            if (
-                predictor.training
-                and torch.is_grad_enabled()
-                and scores.requires_grad
-                and getattr(predictor, "val_collect", None) is None
-            ):
-                labels = (
-                    cat([p.gt_classes for p in proposals], dim=0)
-                    if len(proposals)
-                    else torch.empty(0, dtype=torch.long, device=scores.device)
-                )
-                scores.register_hook(functools.partial(self._on_grad, k, labels))
-            return losses(predictions, proposals)
-
-        return wrapped
+    def _on_scores(self, k: int, predictor: nn.Module, scores, labels) -> None:
+        if predictor.training and torch.is_grad_enabled() and scores.requires_grad:
+            scores.register_hook(functools.partial(self._on_grad, k, labels))
 
     def _on_grad(self, k: int, labels: torch.Tensor, grad: torch.Tensor) -> None:
         C = self._local.shape[2]
@@ -408,17 +395,12 @@ class GradientStatsHook(HookBase):
             )
 
 
+_LOSS_LABELS = {"softmax_ce": "CE", "sigmoid_ce": "sigmoid CE", "federated": "federated"}
+
+
 def _loss_label(cfg) -> str:
-    head = cfg.MODEL.ROI_HEADS.NAME
-    box = cfg.MODEL.ROI_BOX_HEAD
-    if "Seesaw" in head:
-        label = "Seesaw"
-    elif box.USE_FED_LOSS:
-        label = "federated"
-    elif box.USE_SIGMOID_CE:
-        label = "sigmoid CE"
-    else:
-        label = "CE"
+    name = resolve_cls_loss(cfg)
+    label = _LOSS_LABELS.get(name, name.capitalize())
     return label + (" + FASA" if cfg.MODEL.FASA.ENABLED else "")
 
 

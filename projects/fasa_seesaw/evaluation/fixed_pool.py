@@ -74,7 +74,7 @@ def _warn_short(short: Dict[int, int], num_cats: int, k: int):
             f"AP-Fixed/AP-Pool: {len(short)} of {num_cats} classes with detections have fewer than "
             f"K={k} (e.g. category {next(iter(short))}: {next(iter(short.values()))}); their "
             "AP-Fixed is lower than the model could reach. Run inference with the top-K-per-class "
-            "mode (FASA_SEESAW.EVAL.TOPK_PER_CLASS) to produce up to K per class."
+            "mode (TEST.LVIS.TOPK_PER_CLASS) to produce up to K per class."
         )
 
 
@@ -130,12 +130,9 @@ def pooled_ap_from_eval_imgs(
     if len(areas) > 1:
         raise ValueError(f"pooled AP needs one area range; eval_imgs hold {len(areas)}.")
     by_key = {(e["image_id"], e["category_id"]): e for e in eval_imgs}
-    pool = sorted(set(int(c) for c in pool_cat_ids))
+    pool = sorted({int(c) for c in pool_cat_ids})
     entries = [
-        by_key[(i, c)]
-        for i in sorted(set(int(i) for i in img_ids))
-        for c in pool
-        if (i, c) in by_key
+        by_key[(i, c)] for i in sorted({int(i) for i in img_ids}) for c in pool if (i, c) in by_key
     ]
     if not entries:
         return -1.0

@@ -164,7 +164,7 @@ def load_results(path: Union[str, os.PathLike]) -> List[dict]:
         try:
             results = json.load(f)
         except json.JSONDecodeError as e:
-            raise EvaluationInputError(f"results file '{path}' is not valid json: {e}")
+            raise EvaluationInputError(f"results file '{path}' is not valid json: {e}") from None
     if not isinstance(results, list):
         raise EvaluationInputError(
             f"results file '{path}' must hold a json list of detections "
@@ -212,7 +212,7 @@ def prepare_results(
         if arr is not None:  # well-formed box results: the compact array path
             return _prepare_array(gt, arr, iou_type, img_ids)
     if img_ids is not None:
-        keep = set(int(i) for i in img_ids)
+        keep = {int(i) for i in img_ids}
         results = [r for r in results if r.get("image_id") in keep]
     if not results:
         raise EmptyResultsError(

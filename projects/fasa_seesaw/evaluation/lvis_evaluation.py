@@ -149,7 +149,7 @@ class LongTailLVISEvaluator(LVISEvaluator):
 
     @classmethod
     def from_config(cls, cfg, dataset_name, output_dir):
-        e = cfg.FASA_SEESAW.EVAL
+        e = cfg.TEST.LVIS
         train_json = None
         if cfg.DATASETS.TRAIN:
             train_json = getattr(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]), "json_file", None)

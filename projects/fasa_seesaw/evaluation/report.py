@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections import OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -23,6 +24,7 @@ __all__ = [
     "write_per_category_csv",
     "evaluate_report",
     "format_table",
+    "print_summary",
     "unique_path",
 ]
 
@@ -187,3 +189,20 @@ def format_table(results: Dict[str, Dict[str, float]]) -> str:
         cells = [f"{k} {m[k]:6.2f}" for k in keys if k in m]
         lines.append(f"  {iou_type:5s} " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def print_summary(results, stream=None):
+    """One readable block with AP, AP50, AP75, APr, APc, APf for boxes and masks, from
+    detectron2's results (one dict per task, or one such dict per test dataset)."""
+    if not results:
+        return
+    # DefaultTrainer.test flattens the dict when there is a single test dataset.
+    by_dataset = {"": results} if "bbox" in results or "segm" in results else results
+    keys = ("AP", "AP50", "AP75", "APr", "APc", "APf")
+    lines = ["", "Summary (LVIS metrics, %):"]
+    for name, res in by_dataset.items():
+        for task in ("bbox", "segm"):
+            if task in res:
+                row = "  ".join(f"{k} {res[task].get(k, float('nan')):6.2f}" for k in keys)
+                lines.append(f"  {name + ' ' if name else ''}{task:4s}  {row}")
+    print("\n".join(lines), file=stream or sys.stdout, flush=True)

@@ -50,7 +50,7 @@ def tide_errors(
     results = _drop_empty(cap_per_image(results, max_dets), iou_type)
     ev = hotcoco_lvis_eval(gt, results, iou_type, max_dets)
     if img_ids is not None:
-        ev.params.img_ids = sorted(set(int(i) for i in img_ids))
+        ev.params.img_ids = sorted({int(i) for i in img_ids})
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
     return tide_from_evaluator(ev, pos_thr, bg_thr)

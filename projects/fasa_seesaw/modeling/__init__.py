@@ -1,8 +1,22 @@
 # Copyright (c) fasa_seesaw contributors.
 from . import normed_mask_head, roi_heads  # noqa: F401  (registration)
-from .fasa_fast_rcnn import FASAFastRCNNOutputLayers
+from .cls_losses import build_cls_loss, cls_loss_names, register_cls_loss, resolve_cls_loss
+from .fasa import FASA, fasa_from_config
 from .fasa_feature_bank import ClassFeatureBank
+from .fast_rcnn import (
+    FASAFastRCNNOutputLayers,
+    LongTailFastRCNNOutputLayers,
+    SeesawFastRCNNOutputLayers,
+    box_predictors,
+)
 from .normed_layers import NormedConv2d, NormedLinear
 from .normed_mask_head import NormedMaskRCNNConvUpsampleHead
-from .roi_heads import FASACascadeROIHeads, FASAROIHeads, SeesawCascadeROIHeads, SeesawROIHeads
-from .seesaw_fast_rcnn import SeesawFastRCNNOutputLayers
+from .roi_heads import (
+    FASACascadeROIHeads,
+    FASAROIHeads,
+    LongTailCascadeROIHeads,
+    LongTailROIHeads,
+    SeesawCascadeROIHeads,
+    SeesawROIHeads,
+)
+from .seesaw_loss import SeesawLoss

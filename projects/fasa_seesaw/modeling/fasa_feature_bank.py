@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import check_choice, check_range
 
 __all__ = ["ClassFeatureBank"]
 
@@ -34,6 +34,13 @@ VARIANCES = ("sample", "population")
 
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def check_bank_settings(mode: str, momentum: float, variance: str) -> None:
+    """Raise ConfigError naming the MODEL.FASA key of a bad bank setting."""
+    check_choice("MODEL.FASA.BANK_MODE", mode, _MODES)
+    check_choice("MODEL.FASA.BANK_VARIANCE", variance, VARIANCES)
+    check_range("MODEL.FASA.BANK_MOMENTUM", momentum, 0.0, 1.0, low_open=True)
 
 
 class ClassFeatureBank(nn.Module):
@@ -48,18 +55,7 @@ class ClassFeatureBank(nn.Module):
         variance: str = "sample",
     ):
         super().__init__()
-        if mode not in _MODES:
-            raise ConfigError(
-                f"FASA feature bank mode {mode!r} is unknown; use one of {list(_MODES)} "
-                "(MODEL.FASA.BANK_MODE)."
-            )
-        if variance not in VARIANCES:
-            raise ConfigError(
-                f"FASA feature bank variance {variance!r} is unknown; use one of {list(VARIANCES)} "
-                "(MODEL.FASA.BANK_VARIANCE)."
-            )
-        if not 0.0 < momentum <= 1.0:
-            raise ConfigError(f"FASA bank momentum must lie in (0, 1]; got {momentum}.")
+        check_bank_settings(mode, momentum, variance)
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.mode = mode

@@ -8,7 +8,7 @@ import numpy as np
 from typing import Optional, Sequence
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 
 __all__ = [
     "initial_probabilities",
@@ -18,6 +18,7 @@ __all__ = [
 ]
 
 GROUP_SIGNALS = ("reference", "mean_per_roi")
+INIT_PROBS = ("inverse_frequency", "uniform")
 
 
 def initial_probabilities(instance_counts: Sequence[float], mode: str = "inverse_frequency"):
@@ -30,16 +31,12 @@ def initial_probabilities(instance_counts: Sequence[float], mode: str = "inverse
     counts = np.maximum(np.asarray(instance_counts, dtype=np.float64), 1.0)
     if counts.ndim != 1 or counts.size == 0:
         raise ConfigError("FASA needs one instance count per class (a non-empty 1-d list).")
+    check_choice("MODEL.FASA.INIT_PROBS", mode, INIT_PROBS)
     if mode == "inverse_frequency":
         inv = 1.0 / counts
         p = inv / inv.sum()
-    elif mode == "uniform":
-        p = np.full(counts.shape, 1.0 / counts.size)
     else:
-        raise ConfigError(
-            f"FASA initial probability mode {mode!r} is unknown; use 'inverse_frequency' or "
-            "'uniform' (MODEL.FASA.INIT_PROBS)."
-        )
+        p = np.full(counts.shape, 1.0 / counts.size)
     return np.clip(p, 0.0, 1.0)
 
 
@@ -115,6 +112,7 @@ def group_signal(sums, counts, groups, mode: str = "reference") -> np.ndarray:
     Returns:
         (G,) float64, G = groups.max() + 1.
     """
+    check_choice("MODEL.FASA.ADAPT.GROUP_SIGNAL", mode, GROUP_SIGNALS)
     groups = np.asarray(groups)
     C = len(groups)
     sums = np.asarray(sums, dtype=np.float64)
@@ -126,14 +124,9 @@ def group_signal(sums, counts, groups, mode: str = "reference") -> np.ndarray:
         if not total > 0:
             return np.full(G, np.nan)
         return s / total
-    if mode == "mean_per_roi":
-        n = np.bincount(groups, weights=counts[:C], minlength=G)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(n > 0, s / np.maximum(n, 1e-12), np.nan)
-    raise ConfigError(
-        f"FASA group signal {mode!r} is unknown; use one of {list(GROUP_SIGNALS)} "
-        "(MODEL.FASA.ADAPT.GROUP_SIGNAL)."
-    )
+    n = np.bincount(groups, weights=counts[:C], minlength=G)  # "mean_per_roi"
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, s / np.maximum(n, 1e-12), np.nan)
 
 
 def adapt_probabilities(

@@ -29,5 +29,5 @@ class NormedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["temperature"] = cfg.MODEL.NORMED_MASK_HEAD.TEMPERATURE
+        ret["temperature"] = cfg.MODEL.ROI_MASK_HEAD.NORM_TEMP
         return ret

@@ -1,20 +1,27 @@
 # Copyright (c) fasa_seesaw contributors.
 """
-Seesaw Loss (Wang et al., CVPR 2021) as plain torch functions.
+Seesaw Loss (Wang et al., CVPR 2021): the math as plain torch functions, and :class:`SeesawLoss`,
+the module a box predictor holds (the class-count buffer, the loss and the test-time activation,
+shaped like mmdetection's ``SeesawLoss``).
 
-Nothing here knows about detectron2: the predictor in ``seesaw_fast_rcnn.py`` owns the class-count
-buffer and calls these functions. Every function is free of host-device syncs (no boolean
-indexing, no ``.item()``, no ``bincount`` whose output size depends on the data), so the loss
-can run inside a CUDA stream without stalling it.
+Every function is free of host-device syncs (no boolean indexing, no ``.item()``, no
+``bincount`` whose output size depends on the data), so the loss can run inside a CUDA stream
+without stalling it.
 """
 
 import math
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.nn import functional as F
+
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 
 from ..errors import ConfigError
 
 __all__ = [
+    "SeesawLoss",
     "check_seesaw_params",
     "count_foreground",
     "seesaw_logit_offsets",
@@ -150,3 +157,110 @@ def seesaw_probs(logits: torch.Tensor) -> torch.Tensor:
     cls = F.softmax(logits[:, :num_classes], dim=1)
     obj = F.softmax(logits[:, num_classes:], dim=1)
     return torch.cat([cls * obj[:, :1], obj[:, 1:]], dim=1)
+
+
+class SeesawLoss(nn.Module):
+    """
+    The classification loss of a box predictor with the Seesaw C+2 classifier: C class logits
+    trained with Seesaw CE on foreground RoIs, plus a [foreground, background] objectness pair
+    trained on all RoIs.
+
+    The cumulative per-class foreground counts N are a persistent buffer (``class_counts``), so
+    they travel with checkpoints and a resumed run continues with the same mitigation factors.
+    With ``sync_counts`` they are summed over all processes (detectron2 wraps the model with
+    ``broadcast_buffers=False``, so nothing else would keep them equal).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        p: float = 0.8,
+        q: float = 2.0,
+        eps: float = 1e-2,
+        loss_weight: float = 1.0,
+        objectness_loss_weight: float = 1.0,
+        sync_counts: bool = True,
+    ):
+        """
+        Args:
+            p, q, eps: mitigation / compensation exponents and the sigma_i clamp.
+            loss_weight, objectness_loss_weight: weights of ``loss_cls`` and
+                ``loss_cls_objectness``.
+            sync_counts: sum class counts over processes; False keeps them per process.
+        """
+        super().__init__()
+        check_seesaw_params(p, q, eps)
+        self.num_classes = num_classes
+        self.p, self.q, self.eps = float(p), float(q), float(eps)
+        self.loss_weight = loss_weight
+        self.objectness_loss_weight = objectness_loss_weight
+        self.sync_counts = sync_counts
+        self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.long))
+
+    @property
+    def num_logits(self) -> int:
+        """Outputs the classifier needs: C classes + [foreground, background]."""
+        return self.num_classes + 2
+
+    @torch.no_grad()
+    def update_counts(self, gt_classes: torch.Tensor) -> None:
+        """Add this batch's foreground RoIs (of every process, if synced) to the counts."""
+        delta = count_foreground(gt_classes, self.num_classes, dtype=self.class_counts.dtype)
+        if self.sync_counts and comm.get_world_size() > 1:
+            dist.all_reduce(delta)
+        self.class_counts += delta
+
+    def forward(self, scores: torch.Tensor, gt_classes: torch.Tensor) -> dict:
+        """Counts this batch, then returns the weighted ``loss_cls`` and ``loss_cls_objectness``."""
+        # Counts must include the current batch before the loss is formed.
+        self.update_counts(gt_classes)
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            loss_cls, loss_obj = seesaw_losses(
+                scores, gt_classes, self.class_counts, self.p, self.q, self.eps
+            )
+        self.log_stats(scores, gt_classes)
+        return {
+            "loss_cls": loss_cls * self.loss_weight,
+            "loss_cls_objectness": loss_obj * self.objectness_loss_weight,
+        }
+
+    def per_roi(self, scores: torch.Tensor, gt_classes: torch.Tensor) -> torch.Tensor:
+        """Seesaw CE with the current counts, which it does not change (background rows: any
+        value, callers mask them). FASA's virtual rows use it, so they never enter the counts."""
+        is_fg = gt_classes < self.num_classes
+        labels = torch.where(is_fg, gt_classes, torch.zeros_like(gt_classes))
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            return seesaw_cross_entropy(
+                scores[:, : self.num_classes], labels, self.class_counts, self.p, self.q, self.eps
+            )
+
+    def activation(self, scores: torch.Tensor) -> torch.Tensor:
+        """Test-time (R, C+1) scores laid out like detectron2's softmax (:func:`seesaw_probs`)."""
+        return seesaw_probs(scores)
+
+    def log_stats(self, scores, gt_classes, prefix="fast_rcnn"):
+        """
+        Objectness accuracy over all RoIs and class accuracy over foreground RoIs. Reading them
+        for the EventStorage costs one device sync (the loss itself has none).
+        """
+        if gt_classes.numel() == 0:
+            return
+        C = self.num_classes
+        with torch.no_grad():
+            is_fg = gt_classes < C
+            pred_fg = scores[:, C] > scores[:, C + 1]
+            fg_correct = ((scores[:, :C].argmax(dim=1) == gt_classes) & is_fg).sum()
+            obj_acc, num_fg, fg_correct = torch.stack(
+                [(pred_fg == is_fg).float().mean(), is_fg.sum().float(), fg_correct.float()]
+            ).tolist()
+        storage = get_event_storage()
+        storage.put_scalar(f"{prefix}/objectness_accuracy", obj_acc)
+        if num_fg > 0:
+            storage.put_scalar(f"{prefix}/fg_cls_accuracy", fg_correct / num_fg)
+
+    def extra_repr(self):
+        return (
+            f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}, "
+            f"sync_counts={self.sync_counts}"
+        )

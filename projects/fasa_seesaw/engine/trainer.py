@@ -1,0 +1,158 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+The trainer of ``train_net.py``: detectron2's DefaultTrainer with the project's LVIS evaluator,
+top-K-per-class inference, a training data stream that resumes where it stopped, and the
+project's hooks (FASA adaptation, gradient statistics, random-state checkpoints, progress).
+"""
+
+import os
+from collections import OrderedDict
+import torch
+
+import detectron2.utils.comm as comm
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
+from detectron2.evaluation import inference_on_dataset
+
+from ..data import prepare_datasets
+from ..data.counts import epoch_iterations
+from ..data.heldout import base_dataset
+from ..data.resumable import resumable_training_dataset
+from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
+from ..evaluation.topk_inference import per_class_score_floor
+from .fasa_hook import FASAAdaptationHook
+from .grad_stats import build_grad_stats_hook
+from .hooks import ProgressHook, RNGStateHook
+
+__all__ = ["Trainer"]
+
+
+class Trainer(DefaultTrainer):
+    @property
+    def last_eval_results(self):
+        """The results of the last evaluation during training (None if there was none)."""
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return LongTailLVISEvaluator.from_config(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        if cfg.TEST.LVIS.TOPK_PER_CLASS <= 0:
+            return super().test(cfg, model, evaluators)
+        # Top-K-per-class inference (AP-Fixed / AP-Pool): no per-image cap, and each class's
+        # scores must beat the K-th best that class has collected so far.
+        if evaluators is None:
+            evaluators = [cls.build_evaluator(cfg, name) for name in cfg.DATASETS.TEST]
+        if not isinstance(evaluators, (list, tuple)):
+            evaluators = [evaluators]
+        if len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} datasets")
+        results = OrderedDict()
+        for name, evaluator in zip(cfg.DATASETS.TEST, evaluators):
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (name,)
+            cap = cfg.TEST.LVIS.TOPK_MAX_PER_IMAGE
+            with per_class_score_floor(model, evaluator.score_floor, cap):
+                results[name] = super().test(one, model, [evaluator])
+        return results if len(results) != 1 else next(iter(results.values()))
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # Built-in synthetic datasets are generated on first use: do it once, on one process.
+        prepare_on_main_process(cfg.DATASETS.TRAIN)
+        # detectron2's own dataset, mapper and sampler choice, wrapped so that --resume re-enters
+        # the data stream exactly where the run stopped (fasa_seesaw.data.resumable).
+        args = build_detection_train_loader.from_config(cfg)
+        dataset, positions = resumable_training_dataset(
+            args["dataset"], args["mapper"], args["sampler"], seed=cfg.SEED
+        )
+        loader = build_detection_train_loader(
+            dataset=dataset,
+            mapper=None,
+            sampler=None,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            # The loader's own generator seeds its workers, so starting it (at iteration 0, or
+            # right after a resume) draws nothing from the main RNG that training uses.
+            seed=cfg.SEED if cfg.SEED >= 0 else 0,
+        )
+        loader.data_positions = positions
+        return loader
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        positions = getattr(self._trainer.data_loader, "data_positions", None)
+        if positions is not None:
+            positions.start = self.start_iter * (
+                self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        prepare_on_main_process([dataset_name])
+        return build_detection_test_loader(cfg, dataset_name)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        cfg = self.cfg
+        # Stateful hooks run before the checkpointer, so checkpoints hold their state.
+        fasa = cfg.MODEL.FASA
+        if fasa.ENABLED and fasa.ADAPT.ENABLED:
+            prepare_on_main_process([fasa.ADAPT.HELDOUT_DATASET])
+            period = fasa.ADAPT.PERIOD
+            if period < 0:
+                period = epoch_iterations(
+                    cfg.DATASETS.TRAIN, cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.ROI_HEADS.NUM_CLASSES
+                )
+            metric_fn = heldout_ap_fn(cfg) if fasa.ADAPT.SIGNAL == "metric" else None
+            hook = FASAAdaptationHook.from_config(
+                cfg, fasa.ADAPT.HELDOUT_DATASET, period, metric_fn=metric_fn
+            )
+            hooks.insert(_checkpointer_index(hooks), hook)
+        grad_stats = build_grad_stats_hook(cfg)
+        if grad_stats is not None:
+            hooks.insert(_checkpointer_index(hooks), grad_stats)
+        hooks.insert(_checkpointer_index(hooks), RNGStateHook())
+        period = cfg.FASA_SEESAW.PROGRESS_PERIOD
+        if period > 0:
+            # Before the writer, which is the last hook.
+            hooks.insert(len(hooks) - 1, ProgressHook(period, cfg.SOLVER.MAX_ITER))
+        return hooks
+
+
+def _checkpointer_index(hooks):
+    """Where stateful hooks go: before the checkpointer, which only the main process has."""
+    for i, h in enumerate(hooks):
+        if isinstance(h, (PeriodicCheckpointer, EvalHook)):
+            return i
+    return len(hooks)
+
+
+def heldout_ap_fn(cfg):
+    """FASA's metric signal: per-category box AP on the held-out set, the same on all processes."""
+    name = cfg.MODEL.FASA.ADAPT.HELDOUT_DATASET
+    evaluator = PerCategoryAPEvaluator(name, max_dets=cfg.TEST.DETECTIONS_PER_IMAGE)
+    loader = build_detection_test_loader(cfg, name)
+
+    def fn(model):
+        ap = inference_on_dataset(model, loader, evaluator).get("per_category_ap")
+        box = [ap]
+        if comm.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return fn
+
+
+def prepare_on_main_process(dataset_names):
+    """Generate lazily generated datasets on the main process; the others wait."""
+    if comm.is_main_process():
+        prepare_datasets([base_dataset(n) for n in dataset_names])
+    comm.synchronize()
