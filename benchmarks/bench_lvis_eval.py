@@ -42,17 +42,16 @@ import subprocess
 import sys
 import time
 
+from common import _hwm_kb, lvis_image_counts, write_json
+
 W, H = 640, 480
 
 
 def make_dataset(num_images, gt_per_image, dets_per_image, seed):
     """Synthetic LVIS v1-scale ground truth (dict) and detections (N, 7) array."""
-    from detectron2.data.datasets.lvis_v1_category_image_count import LVIS_CATEGORY_IMAGE_COUNT
-
     rng = np.random.default_rng(seed)
-    cats_src = sorted(LVIS_CATEGORY_IMAGE_COUNT, key=lambda c: c["id"])
-    counts = np.array([c["image_count"] for c in cats_src], dtype=np.float64)
-    C = len(cats_src)
+    counts = lvis_image_counts()
+    C = len(counts)
     freq = np.where(counts <= 10, "r", np.where(counts <= 100, "c", "f"))
     cats = [{"id": i + 1, "name": f"category_{i + 1}", "frequency": str(freq[i])} for i in range(C)]
     p = counts / counts.sum()
@@ -152,13 +151,10 @@ def peak_rss_mib():
     """Peak resident set size of this process (VmHWM; ru_maxrss would carry over the parent's
     peak across fork + exec on Linux)."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
+        kb = _hwm_kb()
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        kb = 0
+    return (kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024.0
 
 
 def part_speed(args, out):
@@ -307,8 +303,7 @@ def main():
     if args.part in ("memory", "all"):
         part_memory(args, out)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
         print(f"wrote {args.json}")
 
 

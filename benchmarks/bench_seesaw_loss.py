@@ -30,15 +30,22 @@ Usage:
 """
 
 import argparse
-import json
 import numpy as np
-import os
-import platform
 import sys
-import time
 import torch
 from torch.nn import functional as F
 
+from common import (
+    ForeignCpu,
+    add_device_args,
+    device_name,
+    init_device,
+    lvis_image_counts,
+    run_config,
+    stats_ms,
+    time_interleaved,
+    write_json,
+)
 from fasa_seesaw.modeling.seesaw_loss import SeesawLoss, seesaw_losses
 
 P, Q, EPS = 0.8, 2.0, 1e-2
@@ -129,12 +136,7 @@ def class_distribution(num_classes, zipf):
     """Per-class probabilities: LVIS v1 image counts when C == 1203, else a Zipf law."""
     if num_classes == 1203 and zipf is None:
         try:
-            from detectron2.data.datasets.lvis_v1_category_image_count import (
-                LVIS_CATEGORY_IMAGE_COUNT,
-            )
-
-            cats = sorted(LVIS_CATEGORY_IMAGE_COUNT, key=lambda c: c["id"])
-            counts = np.array([c["image_count"] for c in cats], dtype=np.float64)
+            counts = lvis_image_counts()
             return counts / counts.sum(), "LVIS v1 category image counts"
         except ImportError:
             pass
@@ -222,82 +224,9 @@ def check_equal(logits0, gt, counts0, rtol, atol):
     }
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_all(steps, device, warmup, reps):
-    """Warm up each, then interleave the repetitions so drift affects every variant alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    sync(device)
-    times = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {
-        name: {
-            "median_ms": float(np.median(t)),
-            "p10_ms": float(np.percentile(t, 10)),
-            "p90_ms": float(np.percentile(t, 90)),
-            "min_ms": float(np.min(t)),
-            "times_ms": [float(v) for v in t],
-        }
-        for name, t in times.items()
-    }
-
-
-class ForeignCpu:
-    """
-    CPU used by *other* processes while timing, in cores on average (Linux only: /proc/stat
-    minus this process). A busy machine makes multi-threaded CPU timings meaningless (OpenMP
-    barriers wait on descheduled threads), so the benchmark reports it instead of hiding it.
-    The busy share is taken relative to all ticks, so the tick rate does not matter.
-    """
-
-    @staticmethod
-    def _snap():
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        t = os.times()
-        # fields: user nice system idle iowait irq softirq steal
-        return sum(v), sum(v) - v[3] - v[4], t.user + t.system, time.perf_counter()
-
-    def __enter__(self):
-        self.start = self._snap()
-        self.cores = None
-        return self
-
-    def __exit__(self, *exc):
-        end = self._snap()
-        if self.start is None or end is None:
-            return False
-        total, busy, own, wall = (e - s for e, s in zip(end, self.start))
-        if total > 0 and wall > 0:
-            ncpu = os.cpu_count() or 1
-            self.cores = max(ncpu * busy / total - own / wall, 0.0)
-        return False
-
-
-def default_threads():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    add_device_args(ap)  # --device, --threads, --seed, --json
     ap.add_argument(
         "--classes", type=int, default=1203, help="C, number of classes (LVIS v1: 1203)"
     )
@@ -320,21 +249,8 @@ def main(argv=None):
     )
     ap.add_argument("--reps", type=int, default=50, help="timed repetitions (default 50)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations each")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads (default: all available cores)",
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", metavar="OUT", default=None, help="write the results to OUT")
     args = ap.parse_args(argv)
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda requested but torch.cuda.is_available() is False")
-    threads = args.threads or default_threads()
-    torch.set_num_threads(threads)
+    device, threads = init_device(ap, args)
 
     logits0, gt, counts0, info = make_inputs(args, device)
     check = check_equal(logits0, gt, counts0, rtol=1e-5, atol=1e-7)
@@ -344,14 +260,12 @@ def main(argv=None):
         "reference-style (mmdet algorithm)": run_reference(logits0, gt, counts0),
     }
     with ForeignCpu() as foreign:
-        res = time_all(steps, device, args.warmup, args.reps)
+        times = time_interleaved(steps, device, args.warmup, args.reps)
+    res = {name: stats_ms(t) for name, t in times.items()}
     names = list(steps)
     speedup = res[names[1]]["median_ms"] / res[names[0]]["median_ms"]
 
-    if device.type == "cuda":
-        dev_name = torch.cuda.get_device_name(device)
-    else:
-        dev_name = platform.processor() or platform.machine()
+    dev_name = device_name(device)
     header = (
         f"Seesaw loss fwd+bwd, R={args.rois} RoIs ({info['num_fg']} fg, "
         f"{info['unique_fg_labels']} unique fg labels), C={args.classes}, labels ~ "
@@ -366,16 +280,7 @@ def main(argv=None):
         f"grad max |diff|={check['grad_max_abs_diff']:.2e} "
         f"(max |grad|={check['grad_max_abs']:.2e}) OK"
     )
-    if foreign.cores is not None:
-        busy = foreign.cores > 0.25
-        print(
-            f"other processes used {foreign.cores:.2f} of {os.cpu_count()} cores during timing"
-            + (
-                " -- WARNING: machine busy, timings are not reliable; re-run when idle"
-                if busy
-                else ""
-            )
-        )
+    foreign.report("timing")
     print()
     print("| implementation | median (ms) | p10 (ms) | p90 (ms) | speed-up vs reference |")
     print("|---|---:|---:|---:|---:|")
@@ -391,21 +296,13 @@ def main(argv=None):
 
     if args.json:
         out = {
-            "config": {
-                **vars(args),
-                "threads": threads,
-                "torch": torch.__version__,
-                "python": sys.version.split()[0],
-                "device_name": dev_name,
-                **info,
-            },
+            "config": run_config(vars(args), threads, device, **info),
             "check": check,
             "results": res,
             "speedup": speedup,
             "other_processes_cores": foreign.cores,
         }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return 0
 
 

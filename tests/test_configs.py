@@ -36,6 +36,13 @@ def load(path, opts=()):
     return merge_config(cfg, path, list(opts))
 
 
+def family(name):
+    """(cascade, loss, FASA, normed mask) that a shipped config's file name promises."""
+    loss = "seesaw" if "seesaw" in name else "softmax_ce"
+    normed = "normed_mask" in name or "normedmask" in name
+    return ("cascade" in name, loss, "fasa" in name, normed)
+
+
 class TestConfigs(unittest.TestCase):
     def test_found_configs(self):
         names = {os.path.basename(p) for p in CONFIGS}
@@ -43,21 +50,50 @@ class TestConfigs(unittest.TestCase):
         self.assertIn("cascade_mask_rcnn_R_101_FPN_2x_seesaw_random_lvis_v1.yaml", names)
         self.assertIn("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml", names)
 
-    def test_every_config_builds(self):
-        torch.manual_seed(0)
+    def test_every_config_selects_its_method(self):
+        """Every config loads (as train_net.py loads it) and names the head, loss, classifier,
+        FASA and mask head its file name promises."""
         for path in CONFIGS:
-            if os.path.basename(path) == "Base-RCNN-FPN.yaml":
+            name = os.path.basename(path).lower()
+            if name == "base-rcnn-fpn.yaml":
                 continue  # a fragment: no dataset or class count of its own
             with self.subTest(config=os.path.relpath(path, ROOT)):
-                cfg = load(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-                model = build_model(cfg)
-                heads = model.roi_heads
-                name = os.path.basename(path).lower()
+                cfg = load(path)
                 if name in ("base-quickstart.yaml", "base-study.yaml"):
                     # Fragments with no method: Base-RCNN-FPN's detectron2 ROI head.
                     self.assertEqual(cfg.MODEL.ROI_HEADS.NAME, "StandardROIHeads")
                     continue
-                cascade = "cascade" in name
+                cascade, loss, fasa, normed_mask = family(name)
+                self.assertEqual(
+                    cfg.MODEL.ROI_HEADS.NAME,
+                    "LongTailCascadeROIHeads" if cascade else "LongTailROIHeads",
+                )
+                self.assertEqual(resolve_cls_loss(cfg), loss)
+                self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER, loss == "seesaw")
+                self.assertEqual(cfg.MODEL.FASA.ENABLED, fasa)
+                self.assertEqual(
+                    cfg.MODEL.ROI_MASK_HEAD.NAME == "NormedMaskRCNNConvUpsampleHead", normed_mask
+                )
+
+    def test_one_model_per_family_builds_with_its_outputs(self):
+        """One config per (architecture, loss, FASA, mask head) family is built: predictor type,
+        loss and FASA modules, and the shapes of scores, deltas and test-time probabilities."""
+        chosen = {}
+        for path in CONFIGS:
+            name = os.path.basename(path).lower()
+            if name.startswith("base-"):
+                continue
+            chosen.setdefault(family(name), path)
+        # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw; Cascade: CE, Seesaw,
+        # Seesaw + normed mask, FASA.
+        self.assertEqual(len(chosen), 9)
+        torch.manual_seed(0)
+        for (cascade, loss, fasa, normed_mask), path in sorted(chosen.items()):
+            with self.subTest(config=os.path.relpath(path, ROOT)):
+                cfg = load(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+                model = build_model(cfg)
+                C = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+                heads = model.roi_heads
                 self.assertIsInstance(
                     heads, LongTailCascadeROIHeads if cascade else LongTailROIHeads
                 )
@@ -65,36 +101,30 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(len(predictors), 3 if cascade else 1)
                 for p in predictors:
                     self.assertIsInstance(p, LongTailFastRCNNOutputLayers)
-                if "seesaw" in name:
-                    self.assertEqual(resolve_cls_loss(cfg), "seesaw")
-                    for p in predictors:
+                    if loss == "seesaw":
                         self.assertIsInstance(p.cls_loss, SeesawLoss)
-                        # the Seesaw recipe's cosine classifier
-                        self.assertIsInstance(p.cls_score, NormedLinear)
-                        self.assertEqual(
-                            p.cls_score.out_features, cfg.MODEL.ROI_HEADS.NUM_CLASSES + 2
-                        )
-                    if cascade:
-                        counts = {id(p.cls_loss.class_counts) for p in predictors}
-                        self.assertEqual(len(counts), 3, "each stage needs its own counter")
-                else:
-                    for p in predictors:
+                        self.assertIsInstance(p.cls_score, NormedLinear)  # the recipe's
+                    else:
                         self.assertIsNone(p.cls_loss, "detectron2's loss expected")
-                        self.assertEqual(
-                            p.cls_score.out_features, cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
-                        )
-                if "fasa" in name:
-                    for p in predictors:
-                        self.assertIsNotNone(p.fasa, "FASA config without FASA predictors")
+                        self.assertNotIsInstance(p.cls_score, NormedLinear)
+                    self.assertEqual(p.fasa is not None, fasa)
+                    if fasa:
                         self.assertEqual(p.fasa.bank.feature_dim, p.cls_score.in_features)
-                    if cascade:
-                        banks = {id(p.fasa.bank) for p in predictors}
-                        self.assertEqual(len(banks), 3, "each stage needs its own bank")
-                else:
-                    for p in predictors:
-                        self.assertIsNone(p.fasa)
-                if "normed_mask" in name or "normedmask" in name:
-                    self.assertIsInstance(heads.mask_head.predictor, NormedConv2d)
+                    p.eval()
+                    x = torch.rand(5, p.cls_score.in_features)
+                    with torch.no_grad():
+                        scores, deltas = p(x)
+                        probs = p.predict_probs((scores, deltas), [range(2), range(3)])
+                    self.assertEqual(tuple(scores.shape), (5, C + (2 if loss == "seesaw" else 1)))
+                    self.assertEqual(tuple(deltas.shape), (5, 4 if cascade else 4 * C))
+                    self.assertEqual([tuple(t.shape) for t in probs], [(2, C + 1), (3, C + 1)])
+                    torch.testing.assert_close(probs[0].sum(1), torch.ones(2))
+                if cascade:
+                    for module in ("cls_loss", "fasa"):
+                        held = [getattr(p, module) for p in predictors]
+                        if held[0] is not None:
+                            self.assertEqual(len({id(m) for m in held}), 3, "one per stage")
+                self.assertEqual(isinstance(heads.mask_head.predictor, NormedConv2d), normed_mask)
                 del model
 
     def test_lvis_recipe_values(self):

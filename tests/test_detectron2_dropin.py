@@ -17,7 +17,6 @@ import subprocess
 import sys
 import unittest
 from urllib.parse import urlparse
-
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,7 @@ from detectron2.utils.events import EventStorage
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.data.datasets import register_lvis_json_dataset
 from fasa_seesaw.data.heldout import is_heldout, register_heldout_split
-from fasa_seesaw.data.synth import SMOKE, dataset_paths, ensure_generated
+from fasa_seesaw.data.synth import SMOKE, ensure_generated
 from fasa_seesaw.engine import FASAAdaptationHook, cluster_classes, fasa_modules
 from fasa_seesaw.engine.fasa_hook import meanshift_bandwidth
 from fasa_seesaw.engine.rng import get_rng_states, set_rng_states
@@ -220,8 +220,7 @@ class TestValidationPass(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
-        ensure_generated(SMOKE, cls._tmp.name)
-        paths = dataset_paths(SMOKE, cls._tmp.name)
+        paths = ensure_generated(SMOKE)  # the session's data root (tests/conftest.py)
         for split in ("train", "val"):
             name = f"test_fasa_pass_{split}"
             if name not in DatasetCatalog.list():

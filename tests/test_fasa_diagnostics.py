@@ -9,22 +9,22 @@ import copy
 import json
 import numpy as np
 import os
-import sys
 import tempfile
 import unittest
 import yaml
 
+from fasa_seesaw.modeling.fasa_sampling import adapt_probabilities, initial_probabilities
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import fasa_diagnostics as fd  # noqa: E402
-from fasa_seesaw.modeling.fasa_sampling import (  # noqa: E402
-    adapt_probabilities,
-    initial_probabilities,
-)
 
 
-class TestAdaptationExponents(unittest.TestCase):
+class _Tool:
+    @property
+    def fd(self):
+        return self.load_tool("fasa_diagnostics")  # tools/fasa_diagnostics.py (conftest.py)
+
+
+class TestAdaptationExponents(_Tool, unittest.TestCase):
     def test_recovers_the_rule_and_rejects_wrong_counts(self):
         rng = np.random.default_rng(0)
         counts = rng.integers(1, 500, size=40)
@@ -40,16 +40,16 @@ class TestAdaptationExponents(unittest.TestCase):
                 downs += (loss > prev)[groups]
             p, prev = new, loss
         p = p.astype(np.float32).astype(np.float64)  # the checkpoint buffer is float32
-        exps = fd.adaptation_exponents(p / p0, passes)
+        exps = self.fd.adaptation_exponents(p / p0, passes)
         self.assertEqual(exps, [(int(a), int(b)) for a, b in zip(ups, downs)])
         # Probabilities from other counts (one class's count off by one) break the rule there.
         wrong = counts.copy()
         wrong[3] += 1
-        exps = fd.adaptation_exponents(p / initial_probabilities(wrong), passes)
+        exps = self.fd.adaptation_exponents(p / initial_probabilities(wrong), passes)
         self.assertGreater(sum(e is None for e in exps), 0)
         # More adaptation steps than passes allow are not accepted either.
-        self.assertIsNone(fd.adaptation_exponents([1.1**3], passes=3)[0])
-        self.assertEqual(fd.adaptation_exponents([1.1**2], passes=3)[0], (2, 0))
+        self.assertIsNone(self.fd.adaptation_exponents([1.1**3], passes=3)[0])
+        self.assertEqual(self.fd.adaptation_exponents([1.1**2], passes=3)[0], (2, 0))
 
     def test_virtual_stats_after_warmup(self):
         with tempfile.TemporaryDirectory() as d:
@@ -61,7 +61,7 @@ class TestAdaptationExponents(unittest.TestCase):
             ]
             with open(os.path.join(d, "metrics.json"), "w") as f:
                 f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-            s = fd.virtual_stats(d, warmup=20)
+            s = self.fd.virtual_stats(d, warmup=20)
         self.assertEqual(s["virtual_per_step"], 3.0)
         self.assertEqual(s["virtual_samples"], 2)
         self.assertEqual(s["loss_fasa_nonzero"], 0.5)
@@ -95,7 +95,7 @@ def old_saved_config(head, **values):
     return data
 
 
-class TestOldSavedConfig(unittest.TestCase):
+class TestOldSavedConfig(_Tool, unittest.TestCase):
     def merged(self, data):
         from detectron2.config import get_cfg
 
@@ -103,7 +103,7 @@ class TestOldSavedConfig(unittest.TestCase):
 
         cfg = get_cfg()
         add_fasa_seesaw_config(cfg)
-        cfg.merge_from_other_cfg(type(cfg)(fd.upgrade_saved_config(data)))
+        cfg.merge_from_other_cfg(type(cfg)(self.fd.upgrade_saved_config(data)))
         return cfg
 
     def test_renamed_keys_are_read_under_their_new_names(self):

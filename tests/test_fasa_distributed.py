@@ -7,47 +7,22 @@ same FASA banks and probabilities as one process fed the union.
 import os
 import tempfile
 import unittest
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from fasa_seesaw.engine import FASAAdaptationHook
+from fasa_seesaw.testing import TOY_COUNTS as COUNTS
+from fasa_seesaw.testing import toy_fasa_seesaw_predictor as make_predictor
 
-C, D = 6, 8
-COUNTS = [300, 120, 40, 12, 3, 1]
+pytestmark = pytest.mark.slow  # training, subprocesses or several processes
 
-
-def make_predictor():
-    from fasa_seesaw.modeling import FASA, SeesawFastRCNNOutputLayers, SeesawLoss
-
-    torch.manual_seed(0)
-    return SeesawFastRCNNOutputLayers(
-        ShapeSpec(channels=D),
-        box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
-        num_classes=C,
-        cls_loss=SeesawLoss(C),
-        normed_classifier=True,
-        fasa=FASA(
-            C,
-            D,
-            loss_weight=0.1,
-            samples_per_class=1,
-            clamp_min_zero=False,
-            warmup_iters=100,  # statistics only: the draws would differ between setups
-            bank_mode="ema",
-            bank_momentum=0.1,
-            sync_bank=True,
-            init_probs="inverse_frequency",
-            instance_counts=lambda: COUNTS,
-            epoch_iters=lambda: 100,
-        ),
-    )
+C, D = len(COUNTS), 8  # the toy predictor's classes and feature size
 
 
 class TinyModel(nn.Module):

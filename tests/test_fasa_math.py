@@ -5,6 +5,7 @@ import numpy as np
 import os
 import tempfile
 import unittest
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -144,6 +145,7 @@ def _bank_worker(rank, world, init_file, mode, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # several processes
 class TestFeatureBankDistributed(unittest.TestCase):
     def test_two_processes_equal_single_process_on_union(self):
         for mode in ("ema", "exact"):

@@ -4,7 +4,6 @@
 import json
 import numpy as np
 import os
-import sys
 import tempfile
 import unittest
 import torch
@@ -14,10 +13,10 @@ from detectron2.utils.events import EventStorage
 
 from fasa_seesaw.engine import FASAAdaptationHook
 from fasa_seesaw.evaluation import per_category_ap
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_fasa_distributed import COUNTS, make_predictor  # noqa: E402
-from test_lvis_evaluation import detections, make_gt  # noqa: E402
+from fasa_seesaw.testing import TOY_COUNTS as COUNTS
+from fasa_seesaw.testing import detections_on_gt as detections
+from fasa_seesaw.testing import toy_fasa_seesaw_predictor as make_predictor
+from fasa_seesaw.testing import toy_lvis_gt as make_gt
 
 
 def lvis_api(gt):

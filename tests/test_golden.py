@@ -24,6 +24,7 @@ import os
 import random
 import unittest
 import zlib
+import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -34,6 +35,8 @@ from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import add_fasa_seesaw_config
 from fasa_seesaw.data.datasets import prepare_datasets
+
+pytestmark = pytest.mark.slow  # training, subprocesses or several processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "data", "golden.json")

@@ -7,10 +7,10 @@ import hashlib
 import json
 import numpy as np
 import os
+import pytest
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-import pytest
 from fasa_seesaw import ConfigError
 from fasa_seesaw.data import add_frequency
 from fasa_seesaw.data.datasets import load_longtail_json, validate_lvis_json

@@ -8,53 +8,8 @@ import tempfile
 import unittest
 
 from fasa_seesaw.evaluation import lvis_numpy2_compat
-
-
-def make_gt():
-    cats = [
-        {"id": 1, "name": "a", "frequency": "f", "image_count": 200, "synset": "a.n.01"},
-        {"id": 2, "name": "b", "frequency": "c", "image_count": 50, "synset": "b.n.01"},
-        {"id": 3, "name": "c", "frequency": "r", "image_count": 3, "synset": "c.n.01"},
-    ]
-    images, anns = [], []
-    boxes = {1: [(10, 10, 20, 20)], 2: [(40, 40, 15, 25)], 3: [(5, 50, 30, 10)]}
-    for img_id in (1, 2, 3):
-        images.append(
-            {
-                "id": img_id,
-                "height": 100,
-                "width": 100,
-                "neg_category_ids": [c for c in (1, 2, 3) if c != img_id],
-                "not_exhaustive_category_ids": [],
-            }
-        )
-        for x, y, w, h in boxes[img_id]:
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": img_id,
-                    "category_id": img_id,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
-                    "iscrowd": 0,
-                }
-            )
-    return {"images": images, "annotations": anns, "categories": cats}
-
-
-def detections(gt, score, skip_category=None):
-    """One detection per ground-truth box, on it exactly."""
-    return [
-        {
-            "image_id": a["image_id"],
-            "category_id": a["category_id"],
-            "bbox": a["bbox"],
-            "score": score,
-        }
-        for a in gt["annotations"]
-        if a["category_id"] != skip_category
-    ]
+from fasa_seesaw.testing import detections_on_gt as detections
+from fasa_seesaw.testing import toy_lvis_gt as make_gt
 
 
 def evaluate(gt, dets):

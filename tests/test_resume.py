@@ -6,9 +6,9 @@ warm-up ending and adaptation passes inside the window).
 """
 
 import os
-import sys
 import tempfile
 import unittest
+import pytest
 import torch
 
 from detectron2.config import get_cfg
@@ -17,12 +17,13 @@ from detectron2.engine import HookBase
 
 from fasa_seesaw import add_fasa_seesaw_config
 from fasa_seesaw.data.datasets import register_lvis_json_dataset
-from fasa_seesaw.data.synth import SMOKE, dataset_paths, ensure_generated
+from fasa_seesaw.data.synth import SMOKE, ensure_generated
+from fasa_seesaw.engine import Trainer
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 
+pytestmark = pytest.mark.slow  # training, subprocesses or several processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from train_net import Trainer  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_fasa_seesaw_quickstart.yaml")
 MAX_ITER, STOP_AFTER = 7, 4
@@ -87,8 +88,7 @@ class TestResume(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
-        ensure_generated(SMOKE, cls._tmp.name)
-        paths = dataset_paths(SMOKE, cls._tmp.name)
+        paths = ensure_generated(SMOKE)  # the session's data root (tests/conftest.py)
         if "test_resume_train" not in DatasetCatalog.list():
             register_lvis_json_dataset(
                 "test_resume_train", paths["train_json"], paths["train_image_root"]

@@ -3,6 +3,7 @@ import io
 import os
 import tempfile
 import unittest
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -219,6 +220,7 @@ def _worker(rank, world_size, init_file, sync, out_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # several processes
 class TestDistributedCounts(unittest.TestCase):
     def _run(self, sync):
         with tempfile.TemporaryDirectory() as d:

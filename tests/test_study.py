@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = os.path.join(ROOT, "tools", "longtail_study.py")
@@ -44,12 +45,13 @@ def table_rows(path):
     return [line.split("|")[1].strip().strip("`") for line in lines]
 
 
+@pytest.mark.slow  # trains in subprocesses
 class TestLongTailStudy(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
         cls.tmp = cls._tmp.name
-        cls.env = dict(os.environ, FASA_SEESAW_DATA=os.path.join(cls.tmp, "data"))
+        cls.env = dict(os.environ)  # the session's data root (tests/conftest.py)
         cls.out = os.path.join(cls.tmp, "study")
         cls.args = ["--out", cls.out, "--configs", "ce", "seesaw"] + SMOKE_ARGS
         # Snapshots after each command: later tests run the study again on the same folder.
@@ -235,10 +237,7 @@ class TestDifferences(unittest.TestCase):
     """The table's differences to the baseline, on hand-made summaries."""
 
     def setUp(self):
-        sys.path.insert(0, os.path.join(ROOT, "tools"))
-        import longtail_study
-
-        self.ls = longtail_study
+        self.ls = self.load_tool("study_report")  # tools/study_report.py (conftest.py)
 
     def test_exceeds_only_when_intervals_do_not_overlap(self):
         def stat(mean, std):

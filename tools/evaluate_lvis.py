@@ -20,13 +20,9 @@ import os
 import sys
 import time
 
-from fasa_seesaw.evaluation.lvis_engines import (
-    ENGINES,
-    EvaluationInputError,
-    load_lvis_gt,
-    load_results,
-)
+from fasa_seesaw.evaluation.lvis_engines import ENGINES
 from fasa_seesaw.evaluation.report import EXTRAS, evaluate_report, format_table
+from fasa_seesaw.evaluation.results import EvaluationInputError, load_lvis_gt, load_results
 
 
 def parse_args(argv=None):

@@ -37,8 +37,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config  # also registers the datasets
 from fasa_seesaw.config import merge_config
 from fasa_seesaw.data.heldout import base_dataset
-from fasa_seesaw.engine.grad_stats import category_table
-from fasa_seesaw.evaluation.figures import FREQUENCY_NAMES, fasa_tsne_figure, plot_side_by_side
+from fasa_seesaw.evaluation.category_table import category_table
+from fasa_seesaw.evaluation.figures import FREQUENCY_NAMES
 from fasa_seesaw.evaluation.report import unique_path
 
 HOOK_NAME = "FASAAdaptationHook"  # the key detectron2's TrainerBase.state_dict gives its state
@@ -244,7 +244,9 @@ def cmd_tsne(args) -> str:
         note = f"no adaptation pass yet: coloured by frequency group ({where})"
     else:
         note = f"groups of FASA adaptation pass {state['passes']} ({where})"
-    fig = fasa_tsne_figure(
+    import figures_extra  # next to this script (tools/ is not a package)
+
+    fig = figures_extra.fasa_tsne_figure(
         state["mean"],
         state["seen"],
         groups,
@@ -352,6 +354,8 @@ def _as_plot_predictions(outputs) -> dict:
 def cmd_side_by_side(args) -> List[str]:
     from detectron2.data.detection_utils import read_image
 
+    import figures_extra  # next to this script (tools/ is not a package)
+
     for w in (args.weights, args.weights2):
         if not os.path.isfile(w):
             raise ToolError(f"checkpoint {w} does not exist")
@@ -392,7 +396,7 @@ def cmd_side_by_side(args) -> List[str]:
         with torch.no_grad():
             preds = [_as_plot_predictions(p(bgr)) for p in predictors]
         out = unique_path(os.path.join(args.out_dir, f"side_by_side_{d['image_id']}.png"))
-        plot_side_by_side(
+        figures_extra.plot_side_by_side(
             np.ascontiguousarray(bgr[:, :, ::-1]),
             preds[0],
             preds[1],

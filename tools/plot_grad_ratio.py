@@ -13,7 +13,7 @@ import numpy as np
 import os
 import sys
 
-from fasa_seesaw.engine.grad_stats import read_grad_stats_csv
+from fasa_seesaw.evaluation.category_table import read_grad_stats_csv
 from fasa_seesaw.evaluation.figures import plot_grad_ratio
 
 

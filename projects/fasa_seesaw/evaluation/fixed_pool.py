@@ -21,45 +21,17 @@ category gives that category's LVIS AP.
 
 import logging
 import numpy as np
-from collections import defaultdict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-from .lvis_engines import (
-    METRIC_KEYS,
-    EvaluationInputError,
-    evaluate_lvis,
-    load_lvis_gt,
-    prepare_results,
-    top_rows_per_group,
-)
+from .caps import cap_per_class
+from .lvis_engines import METRIC_KEYS, evaluate_lvis
+from .results import EvaluationInputError, load_lvis_gt, prepare_results
 
-__all__ = ["cap_per_class", "ap_fixed", "ap_pool", "pooled_ap_from_eval_imgs"]
+__all__ = ["ap_fixed", "ap_pool", "pooled_ap_from_eval_imgs"]
 
 logger = logging.getLogger(__name__)
 
 REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
-
-
-def cap_per_class(results: List[dict], k: int = 10000):
-    """
-    The ``k`` highest-scoring detections of every class over the dataset (stable: equal scores
-    keep results-file order). Returns (capped results, {category_id: count} of the classes with
-    fewer than ``k``).
-    """
-    if isinstance(results, np.ndarray):
-        keep = top_rows_per_group(results, 6, k)
-        cats, counts = np.unique(results[keep, 6].astype(np.int64), return_counts=True)
-        return results[keep], {int(c): int(n) for c, n in zip(cats, counts) if n < k}
-    per_cat = defaultdict(list)
-    for r in results:
-        per_cat[r["category_id"]].append(r)
-    out, short = [], {}
-    for cat, anns in per_cat.items():
-        anns = sorted(anns, key=lambda a: a["score"], reverse=True)[:k]
-        if len(anns) < k:
-            short[cat] = len(anns)
-        out.extend(anns)
-    return out, short
 
 
 def _num_categories(results) -> int:

@@ -30,8 +30,9 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from .lvis_engines import EmptyResultsError, load_lvis_gt, lvis_numpy2_compat
+from .lvis_engines import lvis_numpy2_compat
 from .report import evaluate_report, format_table
+from .results import EmptyResultsError, load_lvis_gt
 
 __all__ = ["LongTailLVISEvaluator", "TopKPerClass", "lvis_numpy2_compat"]
 

@@ -10,7 +10,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils import comm
 
-from .lvis_engines import EmptyResultsError, evaluate_lvis, load_lvis_gt
+from .lvis_engines import evaluate_lvis
+from .results import EmptyResultsError, load_lvis_gt
 
 __all__ = ["per_category_ap", "PerCategoryAPEvaluator"]
 

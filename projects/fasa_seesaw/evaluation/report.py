@@ -15,7 +15,8 @@ from collections import OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .fixed_pool import capped_per_class, fixed_metrics, pool_metrics
-from .lvis_engines import EvaluationInputError, evaluate_lvis, load_lvis_gt, prepare_results
+from .lvis_engines import evaluate_lvis
+from .results import EvaluationInputError, load_lvis_gt, prepare_results
 from .tide import tide_errors, tide_from_evaluator
 
 __all__ = [
@@ -125,7 +126,7 @@ def evaluate_report(
 
     Raises:
         EvaluationInputError / EmptyResultsError for unusable inputs (see
-        :func:`~fasa_seesaw.evaluation.lvis_engines.prepare_results`).
+        :func:`~fasa_seesaw.evaluation.results.prepare_results`).
     """
     extras = tuple(extras)
     bad = [e for e in extras if e not in EXTRAS]

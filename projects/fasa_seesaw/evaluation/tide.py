@@ -17,13 +17,9 @@ import contextlib
 import io
 from typing import Optional, Sequence
 
-from .lvis_engines import (
-    _drop_empty,
-    cap_per_image,
-    hotcoco_lvis_eval,
-    load_lvis_gt,
-    prepare_results,
-)
+from .caps import cap_per_image
+from .lvis_engines import _drop_empty, hotcoco_lvis_eval
+from .results import load_lvis_gt, prepare_results
 
 __all__ = ["TIDE_ERRORS", "tide_errors", "tide_from_evaluator"]
 

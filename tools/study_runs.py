@@ -1,0 +1,202 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+One run of the long-tail study (tools/longtail_study.py): its folder (what to do next, the
+train_net.py command, the record of attempts and wall times, the metrics file) and the
+train_net.py subprocess that trains or evaluates it.
+"""
+
+import datetime
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "train_net.py")
+
+
+class Run:
+    """One (config, seed) cell of the matrix and its folder."""
+
+    def __init__(self, study, name, seed):
+        self.study, self.name, self.seed = study, name, seed
+        self.config_file = study.config_files[name]
+        self.dir = os.path.join(study.out, "runs", name, f"seed{seed}")
+        self.record_file = os.path.join(self.dir, "study_run.json")
+
+    @property
+    def label(self):
+        return f"{self.name} seed {self.seed}"
+
+    def metrics_file(self):
+        """The newest lvis_metrics.json for the study's evaluation dataset, or None."""
+        ds = self.study.eval_dataset
+        found = glob.glob(os.path.join(self.dir, "inference", ds, "lvis_metrics.json"))
+        found += glob.glob(
+            os.path.join(self.dir, "eval", ds, "*", "inference", ds, "lvis_metrics.json")
+        )
+        return max(found, key=os.path.getmtime) if found else None
+
+    def action(self):
+        """skip | evaluate | resume | restart | train."""
+        if self.metrics_file():
+            return "skip"
+        if os.path.isfile(os.path.join(self.dir, "model_final.pth")):
+            return "evaluate"
+        if os.path.isfile(os.path.join(self.dir, "last_checkpoint")):
+            return "resume"
+        if os.path.isdir(self.dir) and os.listdir(self.dir):
+            return "restart"
+        return "train"
+
+    def command(self, action):
+        s = self.study
+        data = [
+            "DATASETS.TRAIN", f"('{s.train_dataset}',)",
+            "DATASETS.TEST", f"('{s.eval_dataset}',)",
+            "MODEL.ROI_HEADS.NUM_CLASSES", str(s.num_classes),
+        ]  # fmt: skip
+        cmd = [sys.executable, TRAIN_NET, "--config-file", self.config_file]
+        out, extra = self.dir, []
+        if action == "evaluate":
+            cmd.append("--eval-only")
+            # train_net.py adds eval_<time> to OUTPUT_DIR: nothing earlier is overwritten.
+            out = os.path.join(self.dir, "eval", s.eval_dataset)
+            extra = ["MODEL.WEIGHTS", os.path.join(self.dir, "model_final.pth")]
+        elif action == "resume":
+            cmd.append("--resume")
+        opts = ["SEED", str(self.seed), "OUTPUT_DIR", out] + data + s.schedule[self.name]
+        return cmd + opts + s.opts + extra
+
+    def record(self):
+        try:
+            with open(self.record_file, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {"config": self.name, "seed": self.seed, "attempts": []}
+
+    def add_attempt(self, attempt):
+        rec = self.record()
+        rec["attempts"].append(attempt)
+        os.makedirs(self.dir, exist_ok=True)
+        # Written to a temporary file and renamed: another thread may read it (--jobs).
+        tmp = self.record_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(rec, f, indent=2)
+        os.replace(tmp, self.record_file)
+
+    def wall_times(self):
+        """(training wall s, all attempts; eval-only wall s, successful ones on this dataset)."""
+        attempts = self.record()["attempts"]
+        train = sum(a["wall_s"] for a in attempts if a["action"] in ("train", "resume", "restart"))
+        evaluate = sum(
+            a["wall_s"]
+            for a in attempts
+            if a["action"] == "evaluate"
+            and a["eval_dataset"] == self.study.eval_dataset
+            and a["returncode"] == 0
+        )
+        return train, evaluate
+
+    def move_aside(self):
+        n = 1
+        while os.path.exists(f"{self.dir}.failed-{n}"):
+            n += 1
+        os.rename(self.dir, f"{self.dir}.failed-{n}")
+        return f"{self.dir}.failed-{n}"
+
+
+# Child processes alive now, so an interrupt stops all of them (--jobs > 1).
+_LIVE = set()
+# Guards _LIVE and _STOP: once the study stops, no new child starts.
+_LIVE_LOCK = threading.Lock()
+_STOP = threading.Event()
+
+
+def stop_children(timeout=30.0):
+    """Stops every running child (terminate, then kill after `timeout`); no new one starts."""
+    with _LIVE_LOCK:
+        _STOP.set()
+        procs = list(_LIVE)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def thread_env(jobs):
+    """Environment for a run when `jobs` runs share the machine: cpu_count // jobs threads each.
+
+    With --jobs 1 the environment is left as it is (torch's own default).
+    """
+    env = dict(os.environ)
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[key] = threads
+    return env
+
+
+def execute(run, action, progress, env=None):
+    """Runs one train_net.py command; its output goes to <run>/study_log.txt. Returns the rc."""
+    if action == "restart":
+        print(f"[study] {run.label}: unfinished without a checkpoint; moved to {run.move_aside()}")
+    os.makedirs(run.dir, exist_ok=True)
+    cmd = run.command(action)
+    log_path = os.path.join(run.dir, "study_log.txt")
+    start, started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="milliseconds")
+    rc = None
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n===== {started} {action}: {shlex.join(cmd)}\n")
+        log.flush()
+        with _LIVE_LOCK:
+            if _STOP.is_set():
+                return None  # the study is stopping: start nothing new
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
+            _LIVE.add(proc)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith("[progress]"):
+                    print(f"  {run.label}: {line[len('[progress] '):].rstrip()} | {progress}")
+                    sys.stdout.flush()
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            stop_children()
+            raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+            run.add_attempt(
+                {
+                    "action": action,
+                    "eval_dataset": run.study.eval_dataset,
+                    "started": started,
+                    "wall_s": round(time.perf_counter() - start, 2),
+                    "returncode": rc,
+                    "threads": (env or os.environ).get("OMP_NUM_THREADS"),
+                    "command": cmd,
+                }
+            )
+    if rc != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read().splitlines()[-15:]
+        print(f"[study] FAILED {run.label} (exit {rc}); last lines of {log_path}:")
+        print("\n".join("    " + t for t in tail))
+    return rc
