@@ -102,6 +102,14 @@ def parse_args(argv=None):
         help="evaluation split of --spec (default: val; use test for the final table only)",
     )
     ap.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=JSON:IMAGE_ROOT",
+        help="register an LVIS-format dataset (repeatable), here and in every train_net.py run; "
+        "then name it in --train-dataset / --eval-dataset",
+    )
+    ap.add_argument(
         "--train-dataset", default=None, help="any registered dataset (overrides --spec)"
     )
     ap.add_argument(
@@ -166,8 +174,14 @@ def resolve_datasets(args):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     import fasa_seesaw.data  # noqa: F401  (registers the built-in datasets)
-    from fasa_seesaw.data import builtin_dataset_name
+    from fasa_seesaw import ConfigError
+    from fasa_seesaw.data import builtin_dataset_name, register_dataset_args
     from fasa_seesaw.data.synth import SPECS, spec_splits
+
+    try:
+        register_dataset_args(args.dataset)
+    except ConfigError as e:
+        raise StudyError(str(e)) from None
 
     split = args.split or "val"
     if not (args.train_dataset and args.eval_dataset):
@@ -258,6 +272,7 @@ class Study:
         self.configs, self.seeds = args.configs, args.seeds
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.num_classes, self.iters, self.opts = num_classes, args.iters, list(args.opts)
+        self.dataset_args = [a for spec in args.dataset for a in ("--dataset", spec)]
         self.jobs = args.jobs
         self.command_line = shlex.join(["python", "tools/longtail_study.py"] + sys.argv[1:])
         self.config_files = {name: os.path.join(CONFIG_DIR, MATRIX[name]) for name in self.configs}

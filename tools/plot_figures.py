@@ -36,6 +36,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config  # also registers the datasets
 from fasa_seesaw.config import merge_config
+from fasa_seesaw.data import register_dataset_args
 from fasa_seesaw.data.heldout import base_dataset
 from fasa_seesaw.evaluation.category_table import category_table
 from fasa_seesaw.evaluation.figures import FREQUENCY_NAMES
@@ -50,6 +51,8 @@ _BANK_MEAN = re.compile(r"^(.*)(fasa\.bank\.|fasa_bank\.)mean$")
 _FREQUENCY_GROUP = {"f": 0, "c": 1, "r": 2}
 # Splits train_net.py carves for FASA (fasa_seesaw.data.heldout); a saved config.yaml names them.
 _SPLIT_SUFFIXES = ("_fasa_fit", "_fasa_heldout")
+
+DATASET_HELP = "register an LVIS-format dataset, as train_net.py --dataset does (repeatable)"
 
 
 class ToolError(Exception):
@@ -367,7 +370,8 @@ def cmd_side_by_side(args) -> List[str]:
             f"the models have {C} and {cfg_b.MODEL.ROI_HEADS.NUM_CLASSES} classes; compare "
             "models trained on the same categories"
         )
-    dataset = args.dataset or (cfg_a.DATASETS.TEST[0] if cfg_a.DATASETS.TEST else None)
+    chosen_name = args.dataset[-1].partition("=")[0] if args.dataset else None
+    dataset = chosen_name or (cfg_a.DATASETS.TEST[0] if cfg_a.DATASETS.TEST else None)
     if not dataset:
         raise ToolError("no --dataset given and the first config has no DATASETS.TEST")
     if dataset not in DatasetCatalog.list():
@@ -426,6 +430,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="fasa_tsne.png", help="the PNG to write")
     p.add_argument("--stage", type=int, default=-1, help="cascade stage (default: the last)")
     p.add_argument("--seed", type=int, default=0, help="t-SNE random state")
+    p.add_argument(
+        "--dataset", action="append", default=[], metavar="NAME=JSON:IMAGE_ROOT", help=DATASET_HELP
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config options: KEY VALUE ...")
     p.set_defaults(func=cmd_tsne)
 
@@ -436,7 +443,14 @@ def parse_args(argv=None):
     p.add_argument("--config-file2", required=True, help="model B's config")
     p.add_argument("--weights2", required=True, help="model B's checkpoint")
     p.add_argument("--name2", default="", help="model B's title (default: its folder name)")
-    p.add_argument("--dataset", default="", help="default: DATASETS.TEST[0] of model A's config")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME[=JSON:IMAGE_ROOT]",
+        help=DATASET_HELP + "; the last one given is drawn from (default: DATASETS.TEST[0] of "
+        "model A's config)",
+    )
     p.add_argument("--out-dir", required=True, help="side_by_side_<image_id>.png go here")
     p.add_argument(
         "--num-images", type=int, default=4, help="images with the most rare-class instances"
@@ -446,6 +460,11 @@ def parse_args(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config options for both: KEY VALUE ...")
     p.set_defaults(func=cmd_side_by_side)
     args = parser.parse_args(argv)
+    try:  # as train_net.py --dataset: LVIS-format datasets registered before configs are read
+        # side-by-side also takes a registered dataset's bare NAME (the one to draw from)
+        register_dataset_args([d for d in args.dataset if "=" in d or args.command == "tsne"])
+    except ConfigError as e:
+        parser.error(str(e))
     if getattr(args, "num_images", 1) < 1:
         parser.error(f"--num-images must be at least 1; got {args.num_images}")
     if len(args.opts) % 2:

@@ -60,7 +60,7 @@ class Run:
             "DATASETS.TEST", f"('{s.eval_dataset}',)",
             "MODEL.ROI_HEADS.NUM_CLASSES", str(s.num_classes),
         ]  # fmt: skip
-        cmd = [sys.executable, TRAIN_NET, "--config-file", self.config_file]
+        cmd = [sys.executable, TRAIN_NET, "--config-file", self.config_file] + s.dataset_args
         out, extra = self.dir, []
         if action == "evaluate":
             cmd.append("--eval-only")
