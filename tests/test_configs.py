@@ -250,10 +250,6 @@ class TestSeesawHeadsForward(unittest.TestCase):
             self.assertTrue(torch.equal(c, p.cls_loss.class_counts))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestConfigUpgrade(unittest.TestCase):
     def test_saved_config_with_old_keys_converts(self):
         import yaml
@@ -286,3 +282,31 @@ class TestConfigUpgrade(unittest.TestCase):
         self.assertEqual(cfg.MODEL.SEESAW.P, 0.5)
         self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.NORM_TEMP, 16.0)
         self.assertEqual(cfg.TEST.LVIS.FIXED_K, 77)
+
+    def test_seesaw_head_with_linear_classifier_keeps_it(self):
+        """An old Seesaw-head config with the linear classifier upgrades to LongTailROIHeads with
+        CLS_LOSS seesaw and NORMED_CLASSIFIER False: the same model, not a silent cosine one."""
+        from fasa_seesaw.config import upgrade_config_dict
+
+        for head, twin in (
+            ("SeesawROIHeads", "LongTailROIHeads"),
+            ("SeesawCascadeROIHeads", "LongTailCascadeROIHeads"),
+        ):
+            for normed in (False, True):
+                old = {
+                    "MODEL": {
+                        "ROI_HEADS": {"NAME": head},
+                        "SEESAW": {"NORMED_CLASSIFIER": normed},
+                    }
+                }
+                new = upgrade_config_dict(old)
+                cfg = get_cfg()
+                add_fasa_seesaw_config(cfg)
+                cfg.merge_from_other_cfg(type(cfg)(new))
+                self.assertEqual(cfg.MODEL.ROI_HEADS.NAME, twin if not normed else head)
+                self.assertEqual(resolve_cls_loss(cfg), "seesaw")
+                self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER, normed)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -13,16 +13,13 @@ import sys
 import unittest
 import pytest
 
+from fasa_seesaw.testing import SMOKE_OPTS as SMOKE
+
 pytestmark = pytest.mark.slow  # training, subprocesses or several processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_seesaw_quickstart.yaml")
-SMOKE_OPTS = [
-    "DATASETS.TRAIN", "('longtail_synth_smoke_train',)",
-    "DATASETS.TEST", "('longtail_synth_smoke_val',)",
-    "MODEL.ROI_HEADS.NUM_CLASSES", "12",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+SMOKE_OPTS = SMOKE + [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "6", "SOLVER.STEPS", "(4,)",
     "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0",
     "FASA_SEESAW.PROGRESS_PERIOD", "2",

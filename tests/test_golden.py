@@ -35,20 +35,14 @@ from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import add_fasa_seesaw_config
 from fasa_seesaw.data.datasets import prepare_datasets
+from fasa_seesaw.testing import SMOKE_OPTS
 
 pytestmark = pytest.mark.slow  # training, subprocesses or several processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "data", "golden.json")
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart")
-SMOKE = [
-    "DATASETS.TRAIN", "('longtail_synth_smoke_train',)",
-    "DATASETS.TEST", "('longtail_synth_smoke_val',)",
-    "MODEL.ROI_HEADS.NUM_CLASSES", "12",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "SOLVER.IMS_PER_BATCH", "2",
-]  # fmt: skip
+SMOKE = SMOKE_OPTS + ["SOLVER.IMS_PER_BATCH", "2"]
 FAMILIES = {
     "ce": ("mask_rcnn_R_18_FPN_ce_quickstart.yaml", []),
     "seesaw": ("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml", []),

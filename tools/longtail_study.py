@@ -231,11 +231,11 @@ def load_config(path):
     from detectron2.config import get_cfg
 
     from fasa_seesaw import add_fasa_seesaw_config
+    from fasa_seesaw.config import merge_config
 
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
-    cfg.merge_from_file(path)
-    return cfg
+    return merge_config(cfg, path)  # a renamed key: an error naming the new one
 
 
 def schedule_opts(cfg, iters):
@@ -266,13 +266,21 @@ def _tuple(values):
 # ---------------------------------------------------------------------------------------------
 
 
+def _absolute(spec):
+    """NAME=JSON:IMAGE_ROOT with both paths made absolute."""
+    name, _, paths = spec.partition("=")
+    json_file, _, image_root = paths.partition(":")
+    return f"{name}={os.path.abspath(json_file)}:{os.path.abspath(image_root)}"
+
+
 class Study:
     def __init__(self, args, train_dataset, eval_dataset, num_classes):
         self.out = args.out
         self.configs, self.seeds = args.configs, args.seeds
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.num_classes, self.iters, self.opts = num_classes, args.iters, list(args.opts)
-        self.dataset_args = [a for spec in args.dataset for a in ("--dataset", spec)]
+        # Absolute paths: the train_net.py runs start in the repository root.
+        self.dataset_args = [a for spec in args.dataset for a in ("--dataset", _absolute(spec))]
         self.jobs = args.jobs
         self.command_line = shlex.join(["python", "tools/longtail_study.py"] + sys.argv[1:])
         self.config_files = {name: os.path.join(CONFIG_DIR, MATRIX[name]) for name in self.configs}

@@ -204,14 +204,21 @@ def merge_config(cfg, config_file: str = "", opts=()):
     return cfg
 
 
-_OLD_SEESAW_HEADS = ("SeesawROIHeads", "SeesawCascadeROIHeads")
+# The Seesaw heads that read MODEL.SEESAW.NORMED_CLASSIFIER, and the heads that build the same
+# model whatever the classifier.
+_OLD_SEESAW_HEADS = {
+    "SeesawROIHeads": "LongTailROIHeads",
+    "SeesawCascadeROIHeads": "LongTailCascadeROIHeads",
+}
 
 
 def upgrade_config_dict(data: dict) -> dict:
     """
     A config as a nested dict (e.g. a run's saved config.yaml) with the keys of
     :data:`RENAMED_KEYS` under their new names; ``data`` is not changed. The old
-    MODEL.SEESAW.NORMED_CLASSIFIER only acted on the Seesaw heads, so it becomes False for others.
+    MODEL.SEESAW.NORMED_CLASSIFIER only acted on the Seesaw heads, so it becomes False for others;
+    a Seesaw head with it False becomes LongTailROIHeads (or the cascade twin) with CLS_LOSS
+    seesaw, since the Seesaw heads now always use the cosine classifier.
     """
     data = copy.deepcopy(data)
     missing = object()
@@ -235,8 +242,14 @@ def upgrade_config_dict(data: dict) -> dict:
         value = pop(old)
         if value is missing:
             continue
-        if old == "MODEL.SEESAW.NORMED_CLASSIFIER" and head not in _OLD_SEESAW_HEADS:
-            value = False
+        if old == "MODEL.SEESAW.NORMED_CLASSIFIER":
+            if head not in _OLD_SEESAW_HEADS:
+                value = False
+            elif not value:
+                # The Seesaw heads now always use the cosine classifier: the same model with a
+                # linear one is LongTailROIHeads with CLS_LOSS seesaw.
+                put("MODEL.ROI_HEADS.NAME", _OLD_SEESAW_HEADS[head])
+                put("MODEL.ROI_BOX_HEAD.CLS_LOSS", "seesaw")
         put(new, value)
     for group in _RENAMED_GROUPS:  # emptied by the moves
         rest = pop(group)

@@ -17,6 +17,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 
 __all__ = [
+    "SMOKE_OPTS",
     "TOY_COUNTS",
     "detections_on_gt",
     "lvis_api_reference",
@@ -74,6 +75,16 @@ def detections_on_gt(gt, score, skip_category=None):
         if a["category_id"] != skip_category
     ]
 
+
+# Config options that point a quickstart config at the built-in smoke dataset (12 classes) at
+# 64 px.
+SMOKE_OPTS = [
+    "DATASETS.TRAIN", "('longtail_synth_smoke_train',)",
+    "DATASETS.TEST", "('longtail_synth_smoke_val',)",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "12",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+]  # fmt: skip
 
 # Training instance counts of the toy predictor's six classes.
 TOY_COUNTS = [300, 120, 40, 12, 3, 1]

@@ -355,7 +355,8 @@ DATASET_ARG_HELP = (
 
 
 def parse_dataset_arg(spec: str):
-    """``NAME=JSON:IMAGE_ROOT`` -> (name, json_file, image_root), with a clear error if bad."""
+    """``NAME=JSON:IMAGE_ROOT`` -> (name, json_file, image_root), with a clear error if bad. The
+    json path ends at the first ':' (so it cannot contain one)."""
     name, eq, rest = spec.partition("=")
     json_file, colon, image_root = rest.partition(":")
     if not (eq and colon and name and json_file and image_root):
@@ -388,7 +389,15 @@ def register_dataset_args(specs: Sequence[str]) -> List[str]:
                     "files; choose another name."
                 )
         else:
-            register_lvis_json_dataset(name, json_file, image_root)
+            try:
+                register_lvis_json_dataset(name, json_file, image_root)
+            except ConfigError as e:
+                raise ConfigError(f"--dataset {name}: {e}") from None
+            except (ValueError, KeyError, TypeError) as e:  # e.g. not json, a missing field
+                raise ConfigError(
+                    f"--dataset {name}: '{json_file}' is not a readable LVIS-format json "
+                    f"({type(e).__name__}: {e})."
+                ) from None
         names.append(name)
     return names
 

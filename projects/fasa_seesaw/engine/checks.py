@@ -41,6 +41,7 @@ def check_model(cfg):
                 ("MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER", cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER),
                 ("MODEL.ROI_BOX_HEAD.CLS_LOSS", cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS != "auto"),
                 ("TEST.LVIS.TOPK_PER_CLASS", cfg.TEST.LVIS.TOPK_PER_CLASS > 0),
+                ("FASA_SEESAW.GRAD_STATS.ENABLED", cfg.FASA_SEESAW.GRAD_STATS.ENABLED),
             )
             if on
         ]

@@ -88,7 +88,7 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        positions = getattr(self._trainer.data_loader, "data_positions", None)
+        positions = getattr(self.data_loader, "data_positions", None)
         if positions is not None:
             positions.start = self.start_iter * (
                 self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()

@@ -9,7 +9,6 @@ input, its classifier and its per-RoI classification loss; nothing here knows wh
 """
 
 import contextlib
-import logging
 from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
@@ -21,8 +20,6 @@ from .fasa_feature_bank import ClassFeatureBank
 from .fasa_sampling import initial_probabilities, sample_virtual_features
 
 __all__ = ["FASA", "fasa_from_config"]
-
-logger = logging.getLogger(__name__)
 
 
 class FASA(nn.Module):

@@ -90,7 +90,6 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape, **kwargs):
         ret = super().from_config(cfg, input_shape)
-        ret.update(kwargs)
         name = resolve_cls_loss(cfg, cls.default_cls_loss)
         if name in DETECTRON2_LOSSES:
             ret["use_sigmoid_ce"], ret["use_fed_loss"] = DETECTRON2_LOSSES[name]
@@ -99,6 +98,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         ret["norm_temp"] = cfg.MODEL.ROI_BOX_HEAD.NORM_TEMP
         if cfg.MODEL.FASA.ENABLED:
             ret["fasa"] = fasa_from_config(cfg, _feature_dim(input_shape))
+        ret.update(kwargs)  # explicit arguments win over the config
         return ret
 
     # ------------------------------------------------------------------ forward and losses
@@ -130,9 +130,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         else:
             losses = self.cls_loss(scores, gt_classes)
             losses["loss_box_reg"] = self._box_reg_loss(proposals, proposal_deltas, gt_classes)
-            losses["loss_box_reg"] = losses["loss_box_reg"] * self.loss_weight.get(
-                "loss_box_reg", 1.0
-            )
+            # As detectron2: loss_weight scales every loss it names (1.0 leaves values exact).
+            losses = {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
         if self.fasa is not None and fasa_input is not None:
             losses["loss_fasa"] = self.fasa.loss(
                 fasa_input, gt_classes, self.cls_score, self.per_roi_cls_loss
@@ -176,9 +175,10 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
     def predict_probs(
         self, predictions: Tuple[torch.Tensor, torch.Tensor], proposals: List[Instances]
     ):
-        # detectron2's, with the loss's activation; no super() call, so the predictor scripts,
-        # and __len__ rather than len(), so it traces (as detectron2's patch_builtin_len makes
-        # detectron2's own do).
+        # detectron2's, with the loss's activation; no super() call, so the predictor with
+        # detectron2's loss scripts (a loss module such as SeesawLoss does not), and __len__
+        # rather than len(), so it traces (as detectron2's patch_builtin_len makes detectron2's
+        # own do).
         scores, _ = predictions
         num_inst_per_image = [p.__len__() for p in proposals]
         if self.cls_loss is not None:
@@ -275,16 +275,26 @@ FASAFastRCNNOutputLayers = LongTailFastRCNNOutputLayers
 
 
 class SeesawFastRCNNOutputLayers(LongTailFastRCNNOutputLayers):
-    """:class:`LongTailFastRCNNOutputLayers` whose loss defaults to Seesaw, with the cosine
-    classifier always on (the predictor of SeesawROIHeads / SeesawCascadeROIHeads); configs
-    select the loss with MODEL.ROI_BOX_HEAD.CLS_LOSS on LongTailROIHeads instead."""
+    """:class:`LongTailFastRCNNOutputLayers` with Seesaw Loss and the cosine classifier by
+    default, built by hand or from a config (the predictor of SeesawROIHeads /
+    SeesawCascadeROIHeads, whose cosine classifier is always on, as before the switch moved to
+    MODEL.ROI_BOX_HEAD). Configs select the loss with MODEL.ROI_BOX_HEAD.CLS_LOSS on
+    LongTailROIHeads instead."""
 
     default_cls_loss = "seesaw"
+
+    @configurable
+    def __init__(self, input_shape, *, cls_loss=None, normed_classifier=True, **kwargs):
+        from .seesaw_loss import SeesawLoss
+
+        if cls_loss is None:
+            cls_loss = SeesawLoss(kwargs["num_classes"])
+        super().__init__(
+            input_shape, cls_loss=cls_loss, normed_classifier=normed_classifier, **kwargs
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape, **kwargs):
         ret = super().from_config(cfg, input_shape, **kwargs)
-        # As before the switch moved to MODEL.ROI_BOX_HEAD: the Seesaw heads' cosine classifier
-        # is always on, so their configs and checkpoints keep their meaning.
-        ret["normed_classifier"] = True
-        return ret
+        ret["normed_classifier"] = True  # so the Seesaw heads' configs and checkpoints keep
+        return ret  # their meaning
