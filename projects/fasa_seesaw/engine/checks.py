@@ -27,6 +27,7 @@ def check_config(cfg):
 
 def check_model(cfg):
     """The ROI head, its classification loss and FASA fit together."""
+    from ..modeling.fast_rcnn import project_predictor_error
     from ..modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
     head = cfg.MODEL.ROI_HEADS.NAME
@@ -46,11 +47,7 @@ def check_model(cfg):
             if on
         ]
         if extras:
-            raise ConfigError(
-                f"{', '.join(extras)} need(s) the project's box predictor, but "
-                f"MODEL.ROI_HEADS.NAME is {head!r}. Use LongTailROIHeads (or "
-                "LongTailCascadeROIHeads for Cascade R-CNN)."
-            )
+            raise project_predictor_error(extras, f"MODEL.ROI_HEADS.NAME is {head!r}")
         return
     if resolve_cls_loss(cfg) == "seesaw":
         check_seesaw_params(cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS)

@@ -75,18 +75,6 @@ def accumulate_class_gradients(
     neg += total - slot[:C]
 
 
-def _box_predictors(model) -> List[nn.Module]:
-    """The project's box predictors of a (possibly DDP-wrapped) R-CNN: one per cascade stage."""
-    predictors = box_predictors(model)
-    if not predictors:
-        raise ConfigError(
-            "FASA_SEESAW.GRAD_STATS needs the project's box predictor (MODEL.ROI_HEADS.NAME "
-            f"LongTailROIHeads or LongTailCascadeROIHeads); {type(model).__name__} has none. Set "
-            "FASA_SEESAW.GRAD_STATS.ENABLED False, or use one of those heads."
-        )
-    return predictors
-
-
 class GradientStatsHook(HookBase):
     """
     Accumulates per-class positive and negative gradients on the class logits of every box
@@ -148,7 +136,7 @@ class GradientStatsHook(HookBase):
     def attach(self, model) -> None:
         """Wrap the box predictors of ``model`` and allocate (or restore) the accumulators."""
         self.detach()
-        self._predictors = _box_predictors(model)
+        self._predictors = box_predictors(model, required_by="FASA_SEESAW.GRAD_STATS.ENABLED")
         num_classes = {p.num_classes for p in self._predictors}
         if len(num_classes) != 1:
             raise ConfigError(f"box predictors disagree on the number of classes: {num_classes}")

@@ -19,7 +19,6 @@ import contextlib
 from typing import Callable
 import torch
 
-from ..errors import ConfigError
 from ..modeling.fast_rcnn import box_predictors
 
 __all__ = ["per_class_score_floor"]
@@ -34,13 +33,7 @@ def per_class_score_floor(model, floor_fn: Callable[[int], torch.Tensor], max_pe
     still applies. A finite ``max_per_image`` bounds the mask head's memory (it predicts
     N x classes x 28 x 28 logits for N detections) on the first images, before the floors rise.
     """
-    predictors = box_predictors(model)
-    if not predictors:
-        raise ConfigError(
-            "TEST.LVIS.TOPK_PER_CLASS needs the project's box predictor; set MODEL.ROI_HEADS.NAME "
-            "to LongTailROIHeads (or LongTailCascadeROIHeads), or TOPK_PER_CLASS 0."
-        )
     with contextlib.ExitStack() as stack:
-        for p in predictors:
+        for p in box_predictors(model, required_by="TEST.LVIS.TOPK_PER_CLASS"):
             stack.enter_context(p.score_floor(floor_fn, max_per_image))
         yield

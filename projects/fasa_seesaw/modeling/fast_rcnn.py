@@ -264,10 +264,22 @@ def _feature_dim(input_shape) -> int:
     return input_shape.channels
 
 
-def box_predictors(model) -> List[LongTailFastRCNNOutputLayers]:
-    """The project's box predictors of ``model`` (every cascade stage), in order."""
+def project_predictor_error(keys: List[str], found: str) -> ConfigError:
+    """The error for settings that need the project's box predictor where there is none."""
+    return ConfigError(
+        f"{', '.join(keys)} need(s) the project's box predictor, but {found}. Use "
+        "LongTailROIHeads (or LongTailCascadeROIHeads for Cascade R-CNN)."
+    )
+
+
+def box_predictors(model, required_by: Optional[str] = None) -> List[LongTailFastRCNNOutputLayers]:
+    """The project's box predictors of ``model`` (every cascade stage), in order. With
+    ``required_by`` (the setting that needs them), none is a ConfigError."""
     model = model.module if hasattr(model, "module") else model
-    return [m for m in model.modules() if isinstance(m, LongTailFastRCNNOutputLayers)]
+    found = [m for m in model.modules() if isinstance(m, LongTailFastRCNNOutputLayers)]
+    if required_by and not found:
+        raise project_predictor_error([required_by], f"{type(model).__name__} has none")
+    return found
 
 
 # The names of the predictors before they became one class.
