@@ -127,6 +127,40 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(isinstance(heads.mask_head.predictor, NormedConv2d), normed_mask)
                 del model
 
+    def test_study_ablations_change_one_setting(self):
+        """Each ablation and control of the study differs from its base config in the setting
+        it names (and OUTPUT_DIR), nothing else."""
+
+        def flat(cfg, prefix=""):
+            out = {}
+            for k, v in cfg.items():
+                if isinstance(v, dict):
+                    out.update(flat(v, f"{prefix}{k}."))
+                else:
+                    out[prefix + k] = v
+            return out
+
+        study = os.path.join(ROOT, "configs", "study")
+        cases = {
+            ("fasa", "fasa_uniform"): {"MODEL.FASA.INIT_PROBS": "uniform"},
+            ("fasa", "fasa_metric"): {"MODEL.FASA.ADAPT.SIGNAL": "metric"},
+            ("fasa", "fasa_affinity"): {"MODEL.FASA.ADAPT.CLUSTERING": "affinity"},
+            ("fasa", "fasa_classwise"): {"MODEL.FASA.ADAPT.CLUSTERING": "none"},
+            ("ce", "ce_heldout"): {"FASA_SEESAW.HOLD_OUT_FASA_SPLIT": True},
+            ("seesaw", "seesaw_heldout"): {"FASA_SEESAW.HOLD_OUT_FASA_SPLIT": True},
+            ("fasa", "fasa_static"): {"MODEL.FASA.ADAPT.ENABLED": False},
+            ("fasa_seesaw", "fasa_seesaw_static"): {"MODEL.FASA.ADAPT.ENABLED": False},
+        }
+        for (base, name), expected in cases.items():
+            with self.subTest(config=name):
+                a = flat(load(os.path.join(study, f"mask_rcnn_R_18_FPN_{base}_study.yaml")))
+                b = flat(load(os.path.join(study, f"mask_rcnn_R_18_FPN_{name}_study.yaml")))
+                diff = {k: b[k] for k in a if a[k] != b[k] and k != "OUTPUT_DIR"}
+                if name.endswith("_heldout"):  # the carve FASA configs use
+                    self.assertEqual(b["MODEL.FASA.ADAPT.HELDOUT_FRACTION"], 0.05)
+                    diff.pop("MODEL.FASA.ADAPT.HELDOUT_FRACTION", None)
+                self.assertEqual(diff, expected)
+
     def test_lvis_recipe_values(self):
         cfg = load(
             os.path.join(

@@ -115,6 +115,41 @@ class TestClustering(unittest.TestCase):
         hook.apply([fasa], [(np.ones(20), counts)])  # compared with that pass: losses fell
         self.assertTrue(bool((fasa.probs[:18] > 0.5).any()))
 
+    def test_each_pass_is_recorded_with_its_groups(self):
+        # A hook registered with a trainer appends every pass to fasa_adaptation.jsonl: the
+        # groups it formed and how many classes moved, counted here from the probabilities.
+        import json
+        import tempfile
+
+        from detectron2.config import CfgNode
+
+        fasa = types.SimpleNamespace(
+            bank=types.SimpleNamespace(
+                mean=torch.from_numpy(self.means).float(), seen=torch.from_numpy(self.seen)
+            ),
+            probs=torch.full((19,), 0.05, dtype=torch.float64),
+        )
+        with tempfile.TemporaryDirectory() as out:
+            cfg = CfgNode({"OUTPUT_DIR": out})
+            hook = FASAAdaptationHook(cfg, "unused", period=1, clustering="none")
+            hook.apply([fasa], [(np.ones(20), np.ones(20))])  # no trainer: nothing written
+            self.assertFalse(os.path.exists(os.path.join(out, "fasa_adaptation.jsonl")))
+            hook.trainer = types.SimpleNamespace(iter=9)
+            sums = np.ones(20)
+            sums[:5], sums[5:19] = 2.0, 0.5  # 5 classes' losses rose, 14 fell (class-wise)
+            before = fasa.probs.clone()
+            hook.apply([fasa], [(sums, np.ones(20))])
+            with open(os.path.join(out, "fasa_adaptation.jsonl")) as f:
+                (rec,) = [json.loads(line) for line in f]
+        up = int((fasa.probs > before).sum())
+        down = int((fasa.probs < before).sum())
+        self.assertEqual((up, down), (14, 5))
+        self.assertEqual((rec["moved_up"], rec["moved_down"]), (up, down))
+        self.assertEqual((rec["pass"], rec["iteration"], rec["stage"]), (2, 10, 0))
+        self.assertEqual(rec["num_groups"], 19)
+        self.assertEqual(rec["group_sizes"], [1] * 19)
+        self.assertAlmostEqual(rec["p_sum"], float(fasa.probs.sum()))
+
     def test_old_hook_state_starts_a_new_baseline(self):
         # Saved before the background count was kept: C-length arrays, not C + 1.
         hook = FASAAdaptationHook(None, "unused", period=1)
@@ -215,6 +250,33 @@ class TestHeldout(unittest.TestCase):
         with self.assertRaisesRegex(ConfigError, "HELDOUT_FRACTION"):
             register_heldout_split(name, 1.0, 0)
 
+    def test_control_trains_on_the_images_fasa_trains_on(self):
+        # FASA_SEESAW.HOLD_OUT_FASA_SPLIT: a config without FASA trains on the same carve as a
+        # FASA config with the same HELDOUT_FRACTION and SEED (the study's *_heldout controls).
+        from fasa_seesaw import add_fasa_seesaw_config
+        from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
+
+        name = "test_heldout_control_src"
+        DatasetCatalog.register(name, lambda: [{"image_id": i} for i in range(300)])
+
+        def resolved(fasa, control):
+            cfg = get_cfg()
+            add_fasa_seesaw_config(cfg)
+            cfg.DATASETS.TRAIN = (name,)
+            cfg.MODEL.FASA.ENABLED = fasa
+            cfg.MODEL.FASA.ADAPT.HELDOUT_FRACTION = 0.05
+            cfg.FASA_SEESAW.HOLD_OUT_FASA_SPLIT = control
+            return configure_fasa_heldout(cfg)
+
+        plain, control, fasa = resolved(False, False), resolved(False, True), resolved(True, False)
+        self.assertEqual(plain.DATASETS.TRAIN, (name,))
+        self.assertEqual(control.DATASETS.TRAIN, fasa.DATASETS.TRAIN)
+        images = {d["image_id"] for d in DatasetCatalog.get(control.DATASETS.TRAIN[0])}
+        expected = {i for i in range(300) if not is_heldout(i, 0.05, 0)}  # the rule, again
+        self.assertEqual(images, expected)
+        self.assertLess(len(images), 300)
+        self.assertEqual(control.MODEL.FASA.ADAPT.HELDOUT_DATASET, "")  # no pass without FASA
+
 
 class TestValidationPass(unittest.TestCase):
     @classmethod
@@ -234,6 +296,7 @@ class TestValidationPass(unittest.TestCase):
             [
                 "MODEL.ROI_HEADS.NUM_CLASSES", "12",
                 "DATASETS.TRAIN", "('test_fasa_pass_train',)",
+                "OUTPUT_DIR", cls._tmp.name,
                 "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
                 "DATALOADER.NUM_WORKERS", "0",
             ]

@@ -23,6 +23,8 @@ SMOKE_ARGS = ["--spec", "smoke", "--seeds", "0", "--iters", "6", "--opts"] + [
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
     "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
     "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+    # The test suite's pretrained backbone (seconds to build), not the study's.
+    "MODEL.WEIGHTS", "fasa_seesaw://pretrained/R-18-synth-tiny.pth",
 ]  # fmt: skip
 
 
@@ -57,6 +59,10 @@ class TestLongTailStudy(unittest.TestCase):
         # Snapshots after each command: later tests run the study again on the same folder.
         cls.first = run_study(cls.args, cls.env)
         cls.first_files = cls.snapshot()
+        # The records as the first command left them (later tests change self.out).
+        cls.first_records = os.path.join(cls.tmp, "first_records")
+        if cls.first.returncode == 0:
+            shutil.copytree(os.path.join(cls.out, "records"), cls.first_records)
         # A pristine copy for test_two_jobs_evaluate_side_by_side (other tests change self.out).
         cls.jobs_out = os.path.join(cls.tmp, "jobs")
         if cls.first.returncode == 0:
@@ -136,11 +142,12 @@ class TestLongTailStudy(unittest.TestCase):
         self.assertEqual(files["results"]["runs"], self.first_files["results"]["runs"])
 
     def test_unevaluated_run_is_only_evaluated(self):
-        # A trained run without metrics for the evaluation dataset (as in the val -> test
-        # workflow) is evaluated with --eval-only, not trained again.
+        # A trained run without a record or metrics (as when another split is asked for) is
+        # evaluated with --eval-only, not trained again, and its record is written.
         self.assertEqual(self.first.returncode, 0)
         run = os.path.join(self.out, "runs", "ce", "seed0")
         os.rename(os.path.join(run, "inference"), os.path.join(run, "inference.moved"))
+        os.remove(os.path.join(self.out, "records", "ce", "seed0.json"))
         args = self.args[:]
         args[args.index("--configs") + 1 : args.index("--configs") + 3] = ["ce"]
         r = run_study(args, self.env)
@@ -149,18 +156,99 @@ class TestLongTailStudy(unittest.TestCase):
         with open(os.path.join(run, "study_run.json")) as f:
             actions = [a["action"] for a in json.load(f)["attempts"]]
         self.assertEqual(actions, ["train", "evaluate"])
-        with open(os.path.join(self.out, "results.json")) as f:
-            (row,) = json.load(f)["runs"]
-        self.assertIn("/eval/longtail_synth_smoke_val/", row["metrics_file"])
-        self.assertGreater(row["eval_only_wall_s"], 0)
+        with open(os.path.join(self.out, "records", "ce", "seed0.json")) as f:
+            record = json.load(f)
+        self.assertGreater(record["timing"]["eval_only_wall_s"], 0)
+        self.assertIn("longtail_synth_smoke_val", record["metrics"])
+
+    def test_records_let_a_fresh_folder_skip_finished_runs(self):
+        # A new machine: no run folders, only the (committed) records. Nothing is trained again,
+        # and the table is rebuilt from the records.
+        self.assertEqual(self.first.returncode, 0)
+        records = os.path.join(self.tmp, "records_copy")
+        shutil.copytree(self.first_records, records)
+        out = os.path.join(self.tmp, "fresh")
+        args = self.args[:]
+        args[args.index("--out") + 1] = out
+        r = run_study(["--records", records] + args, self.env)
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
+        self.assertIn("skipping 2 finished runs", r.stdout)
+        self.assertNotIn("next:", r.stdout)
+        self.assertFalse(os.path.exists(os.path.join(out, "runs")))
+        self.assertEqual(table_rows(os.path.join(out, "table.md")), ["ce", "seesaw"])
+        with open(os.path.join(out, "results.json")) as f:
+            rows = json.load(f)["runs"]
+        first_rows = self.first_files["results"]["runs"]
+        for a, b in zip(rows, first_rows):
+            self.assertEqual(
+                (a["config"], a["seed"], a["segm"]), (b["config"], b["seed"], b["segm"])
+            )
+
+        # A record of other model code is stale: the run is planned again.
+        path = os.path.join(records, "seesaw", "seed0.json")
+        with open(path) as f:
+            rec = json.load(f)
+        rec["key"]["code_commit"] = "0" * 40
+        with open(path, "w") as f:
+            json.dump(rec, f)
+        r = run_study(["--records", records, "--dry-run"] + args, self.env)
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        self.assertIn("[train] seesaw seed 0", r.stdout)
+        self.assertNotIn("[train] ce seed 0", r.stdout)
+
+        # --max-minutes: a run that would end past the budget (estimated from the finished
+        # ones) is not started; the command says so and succeeds.
+        r = run_study(["--records", records, "--max-minutes", "0.0001"] + args, self.env)
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
+        self.assertIn("--max-minutes 0.0001: 1 runs not started (seesaw seed 0)", r.stdout)
+        self.assertFalse(os.path.exists(os.path.join(out, "runs", "seesaw")))
+
+    def test_record_holds_the_key_and_the_metrics(self):
+        self.assertEqual(self.first.returncode, 0)
+        with open(os.path.join(self.first_records, "ce", "seed0.json")) as f:
+            rec = json.load(f)
+        key = rec["key"]
+        self.assertEqual((key["config"], key["seed"]), ("ce", 0))
+        # The commit is the last one that touched the model code (asked of git here).
+        last = subprocess.run(
+            ["git", "-C", ROOT, "log", "-1", "--format=%H", "--", "projects/fasa_seesaw",
+             "train_net.py"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        self.assertTrue(key["code_commit"].startswith(last), (key["code_commit"], last))
+        from fasa_seesaw.data.synth import SMOKE
+
+        self.assertEqual(key["train_dataset"], f"synth:smoke:{SMOKE.spec_hash()[:16]}")
+        self.assertEqual(key["settings"]["iters"], 6)
+        self.assertEqual(len(key["config_sha1"]), 40)
+        m = rec["metrics"]["longtail_synth_smoke_val"]
+        self.assertEqual(set(m), {"bbox", "segm", "rare_classes_with_ap"})
+        self.assertGreater(rec["timing"]["train_wall_s"], 0)
+        self.assertIsNone(rec["fasa"])  # no FASA in ce
+
+    def test_report_rebuilds_the_table_from_records(self):
+        self.assertEqual(self.first.returncode, 0)
+        out = os.path.join(self.tmp, "report")
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "study_report.py"), "--records",
+             self.first_records, "--out", out, "--spec", "smoke", "--split", "val"],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
+        self.assertEqual(table_rows(os.path.join(out, "table.md")), ["ce", "seesaw"])
+        with open(os.path.join(out, "results.json")) as f:
+            summary = json.load(f)["summary"]
+        first = self.first_files["results"]["summary"]
+        self.assertEqual(summary["seesaw"]["segm"], first["seesaw"]["segm"])
 
     def test_two_jobs_evaluate_side_by_side(self):
-        # --jobs 2 on a copy of the trained study: both runs lack metrics, so both are evaluated,
-        # at the same time, each with cpu_count // 2 threads.
+        # --jobs 2 on a copy of the trained study: both runs lack metrics and records, so both
+        # are evaluated, at the same time, each with cpu_count // 2 threads.
         self.assertEqual(self.first.returncode, 0)
         out = self.jobs_out
         for name in ("ce", "seesaw"):
             shutil.rmtree(os.path.join(out, "runs", name, "seed0", "inference"))
+        shutil.rmtree(os.path.join(out, "records"))
         args = self.args[:]
         args[args.index("--out") + 1] = out
         r = run_study(["--jobs", "2"] + args, self.env)
@@ -181,10 +269,12 @@ class TestLongTailStudy(unittest.TestCase):
         self.assertLess(max(s for s, _ in spans) + 2.0, min(e for _, e in spans), spans)
         with open(os.path.join(out, "results.json")) as f:
             results = json.load(f)
-        self.assertEqual(results["study"]["jobs"], 2)
         self.assertEqual([x["config"] for x in results["runs"]], ["ce", "seesaw"])
-        for x in results["runs"]:
-            self.assertIn("/eval/longtail_synth_smoke_val/", x["metrics_file"])
+        for name in ("ce", "seesaw"):
+            with open(os.path.join(out, "records", name, "seed0.json")) as f:
+                rec = json.load(f)
+            self.assertGreater(rec["timing"]["eval_only_wall_s"], 0)
+            self.assertIn(threads, rec["timing"]["threads"])
 
     def test_dry_run_plans_resume_and_restart(self):
         self.assertEqual(self.first.returncode, 0)

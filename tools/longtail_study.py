@@ -30,6 +30,7 @@ evaluation dataset of the current command.
 import argparse
 import concurrent.futures
 import datetime
+import glob
 import json
 import math
 import numpy as np
@@ -40,13 +41,21 @@ import threading
 import time
 from collections import OrderedDict
 
+from study_records import (
+    MODEL_CODE_PATHS,
+    code_commit,
+    commit_record,
+    config_sha1,
+    dataset_identity,
+    write_record,
+)
 from study_report import TASKS, load_metrics, write_outputs
 from study_runs import Run, execute, stop_children, thread_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "study")
 
-# The matrix: name -> config file under configs/study/.
+# Every config of the study: name -> config file under configs/study/.
 MATRIX = OrderedDict(
     [
         ("ce", "mask_rcnn_R_18_FPN_ce_study.yaml"),
@@ -55,7 +64,25 @@ MATRIX = OrderedDict(
         ("seesaw_normed_mask", "mask_rcnn_R_18_FPN_seesaw_normed_mask_study.yaml"),
         ("fasa", "mask_rcnn_R_18_FPN_fasa_study.yaml"),
         ("fasa_seesaw", "mask_rcnn_R_18_FPN_fasa_seesaw_study.yaml"),
+        ("ce_heldout", "mask_rcnn_R_18_FPN_ce_heldout_study.yaml"),
+        ("seesaw_heldout", "mask_rcnn_R_18_FPN_seesaw_heldout_study.yaml"),
+        ("fasa_uniform", "mask_rcnn_R_18_FPN_fasa_uniform_study.yaml"),
+        ("fasa_metric", "mask_rcnn_R_18_FPN_fasa_metric_study.yaml"),
+        ("fasa_affinity", "mask_rcnn_R_18_FPN_fasa_affinity_study.yaml"),
+        ("fasa_classwise", "mask_rcnn_R_18_FPN_fasa_classwise_study.yaml"),
+        ("fasa_static", "mask_rcnn_R_18_FPN_fasa_static_study.yaml"),
+        ("fasa_seesaw_static", "mask_rcnn_R_18_FPN_fasa_seesaw_static_study.yaml"),
         ("fasa_rfs", "mask_rcnn_R_18_FPN_fasa_rfs_study.yaml"),
+    ]
+)
+# Names for parts of it, usable in --configs.
+GROUPS = OrderedDict(
+    [
+        ("matrix", ["ce", "rfs", "seesaw", "seesaw_normed_mask", "fasa", "fasa_seesaw"]),
+        ("controls", ["ce_heldout", "seesaw_heldout"]),
+        ("ablations", ["fasa_uniform", "fasa_metric", "fasa_affinity", "fasa_classwise"]),
+        ("diagnosis", ["fasa_static", "fasa_seesaw_static"]),
+        ("all", list(MATRIX)),
     ]
 )
 # Keys the study sets itself; --opts may not override them.
@@ -65,7 +92,6 @@ MANAGED_KEYS = {
     "DATASETS.TRAIN": "--train-dataset / --spec",
     "DATASETS.TEST": "--eval-dataset / --split",
     "MODEL.ROI_HEADS.NUM_CLASSES": "--num-classes",
-    "MODEL.WEIGHTS": "(the study trains from scratch)",
 }
 
 
@@ -86,7 +112,13 @@ def parse_args(argv=None):
     )
     ap.add_argument("--out", required=True, help="study folder (runs, results, table, plot)")
     ap.add_argument(
-        "--configs", nargs="+", default=list(MATRIX), metavar="NAME", help="subset of the matrix"
+        "--configs",
+        nargs="+",
+        default=["matrix"],
+        metavar="NAME",
+        help="configs or groups of them ("
+        + "; ".join(f"{g}: {' '.join(c)}" for g, c in list(GROUPS.items())[:-1])
+        + "; all; default: matrix)",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
     ap.add_argument(
@@ -135,6 +167,26 @@ def parse_args(argv=None):
         help="runs at a time, each with cpu_count // jobs threads (default 1). On 2 CPU cores, "
         "--jobs 2 (two single-threaded runs) trains ~1.4x faster than one two-threaded run",
     )
+    ap.add_argument(
+        "--records",
+        default=None,
+        metavar="DIR",
+        help="where each finished run's record goes (<DIR>/<config>/seed<k>.json; default "
+        "<out>/records). A run whose record has the current key (config, seed, model-code "
+        "commit, dataset, settings) and metrics for the evaluation split is skipped",
+    )
+    ap.add_argument(
+        "--commit-records",
+        action="store_true",
+        help="git-commit each record as soon as its run ends (needs committed model code)",
+    )
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no run that would end later than this many minutes after the start "
+        "(estimated from finished runs); the rest waits for the next command",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     ap.add_argument(
         "--opts",
@@ -145,10 +197,16 @@ def parse_args(argv=None):
     )
     args = ap.parse_args(argv)
 
-    unknown = [c for c in args.configs if c not in MATRIX]
+    unknown = [c for c in args.configs if c not in MATRIX and c not in GROUPS]
     if unknown:
-        raise StudyError(f"unknown config {unknown[0]!r}; choose from: {', '.join(MATRIX)}")
-    args.configs = list(OrderedDict.fromkeys(args.configs))
+        raise StudyError(
+            f"unknown config {unknown[0]!r}; choose from: {', '.join(MATRIX)} or a group "
+            f"({', '.join(GROUPS)})"
+        )
+    names = [n for c in args.configs for n in GROUPS.get(c, [c])]
+    args.configs = list(OrderedDict.fromkeys(names))
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise StudyError(f"--max-minutes must be > 0; got {args.max_minutes}")
     args.seeds = list(OrderedDict.fromkeys(args.seeds))
     if args.jobs < 1:
         raise StudyError(f"--jobs must be >= 1; got {args.jobs}")
@@ -166,6 +224,7 @@ def parse_args(argv=None):
     if args.split and args.eval_dataset:
         raise StudyError("--split picks a split of --spec; with --eval-dataset, name the split")
     args.out = os.path.abspath(args.out)
+    args.records = os.path.abspath(args.records or os.path.join(args.out, "records"))
     return args
 
 
@@ -195,8 +254,16 @@ def resolve_datasets(args):
             )
     train = args.train_dataset or builtin_dataset_name(args.spec, "train")
     evaluate = args.eval_dataset or builtin_dataset_name(args.spec, split)
+    if args.eval_dataset:
+        evaluations = [evaluate]
+    else:  # every evaluation split of the spec: tune on val and report test from one training
+        evaluations = [
+            builtin_dataset_name(args.spec, s)
+            for s in spec_splits(SPECS[args.spec])
+            if s != "train"
+        ]
     registered = set(DatasetCatalog.list())
-    for name in (train, evaluate):
+    for name in [train] + evaluations:
         if name not in registered:
             synth = sorted(n for n in registered if n.startswith("longtail_synth_"))
             raise StudyError(
@@ -217,14 +284,14 @@ def resolve_datasets(args):
         if not known:
             raise StudyError(f"cannot tell how many classes {train!r} has; pass --num-classes")
         num_classes = len(known)
-    for name in (train, evaluate):
+    for name in [train] + evaluations:
         known = classes(name)
         if known and len(known) != num_classes:
             raise StudyError(
                 f"dataset {name!r} has {len(known)} classes but the study uses {num_classes} "
                 "(--num-classes or the training dataset's)"
             )
-    return train, evaluate, num_classes
+    return train, evaluate, evaluations, num_classes
 
 
 def load_config(path):
@@ -274,16 +341,19 @@ def _absolute(spec):
 
 
 class Study:
-    def __init__(self, args, train_dataset, eval_dataset, num_classes):
-        self.out = args.out
+    def __init__(self, args, train_dataset, eval_dataset, eval_datasets, num_classes):
+        self.out, self.records_dir = args.out, args.records
         self.configs, self.seeds = args.configs, args.seeds
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.eval_datasets = eval_datasets
         self.num_classes, self.iters, self.opts = num_classes, args.iters, list(args.opts)
         # Absolute paths: the train_net.py runs start in the repository root.
         self.dataset_args = [a for spec in args.dataset for a in ("--dataset", _absolute(spec))]
         self.jobs = args.jobs
+        self.order = list(MATRIX)
         self.command_line = shlex.join(["python", "tools/longtail_study.py"] + sys.argv[1:])
         self.config_files = {name: os.path.join(CONFIG_DIR, MATRIX[name]) for name in self.configs}
+        self.config_sha1 = {n: config_sha1(f) for n, f in self.config_files.items()}
         self.schedule = {
             name: (
                 schedule_opts(load_config(self.config_files[name]), args.iters)
@@ -292,11 +362,21 @@ class Study:
             )
             for name in self.configs
         }
+        commit, dirty = code_commit()
+        if dirty and args.commit_records:
+            raise StudyError(
+                "the model code (" + ", ".join(MODEL_CODE_PATHS) + ") has uncommitted changes; "
+                "commit them first: a committed record names the commit its run was trained with"
+            )
+        # A dirty tree's runs get a key no committed record has.
+        self.code_commit = commit + ("+dirty" if dirty else "")
+        self.train_identity = dataset_identity(train_dataset)
+        self.commit_records = args.commit_records
         # Seed-major: a study stopped part-way has whole seeds of the matrix.
         self.runs = [Run(self, name, seed) for seed in self.seeds for name in self.configs]
 
     def settings(self):
-        """What makes a trained model; the evaluation dataset may change between commands."""
+        """What makes a trained model besides config, seed, code and data."""
         return {
             "train_dataset": self.train_dataset,
             "num_classes": self.num_classes,
@@ -322,19 +402,62 @@ class Study:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(self.settings(), f, indent=2)
 
+    def save_result(self, run):
+        """Writes the run's record (and commits it with --commit-records)."""
+        rec = run.build_result()
+        write_record(run.result_file, rec)
+        prune_checkpoints(run.dir)
+        if self.commit_records:
+            box = rec["metrics"].get(self.eval_dataset, {}).get("segm", {})
+            error = commit_record(
+                run.result_file,
+                f"Study record: {run.name} seed {run.seed} (mask AP {_fmt(box.get('AP'))}, "
+                f"APr {_fmt(box.get('APr'))} on {self.eval_dataset})",
+            )
+            if error:
+                print(f"[study] WARNING: could not commit {run.result_file}: {error}")
+        return rec
+
+
+def prepare_weights(study, runs):
+    """Builds (once) the synthetic-pretrained backbones the runs start from."""
+    from fasa_seesaw.pretrain import PretrainError, ensure_pretrained, recipe_from_url
+
+    opts = dict(zip(study.opts[::2], study.opts[1::2]))
+    for name in OrderedDict.fromkeys(run.name for run in runs):
+        weights = opts.get("MODEL.WEIGHTS") or load_config(study.config_files[name]).MODEL.WEIGHTS
+        try:
+            recipe = recipe_from_url(weights)
+        except PretrainError as e:
+            raise StudyError(str(e)) from None
+        if recipe is not None:
+            t0 = time.perf_counter()
+            path = ensure_pretrained(recipe)
+            spent = time.perf_counter() - t0
+            if spent > 1.0:
+                print(f"[study] pretrained {recipe.name} in {_duration(spent)}: {path}")
+
+
+def prune_checkpoints(run_dir):
+    """Removes the intermediate checkpoints of a finished run (model_final.pth stays)."""
+    for path in glob.glob(os.path.join(run_dir, "model_0*.pth")):
+        os.remove(path)
+
 
 def _duration(seconds):
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
 def run_study(args):
-    train, evaluate, num_classes = resolve_datasets(args)
-    study = Study(args, train, evaluate, num_classes)
+    train, evaluate, evaluations, num_classes = resolve_datasets(args)
+    study = Study(args, train, evaluate, evaluations, num_classes)
     plan = [(run, run.action()) for run in study.runs]
     total = len(plan)
     print(
         f"[study] {len(study.configs)} configs x {len(study.seeds)} seeds = {total} runs; "
-        f"train {train}, evaluate {evaluate}, {num_classes} classes; out {study.out}"
+        f"train {train}, evaluate {', '.join(evaluations)} (table: {evaluate}), "
+        f"{num_classes} classes; model code {_short(study.code_commit)}; records "
+        f"{os.path.relpath(study.records_dir, ROOT)}; out {study.out}"
     )
     if args.dry_run:
         for run, action in plan:
@@ -344,18 +467,29 @@ def run_study(args):
         return 0
 
     study.check_settings()
-    todo = [(run, action) for run, action in plan if action != "skip"]
+    for run, action in plan:
+        if action == "record":  # evaluated earlier: only the record is missing
+            study.save_result(run)
+    todo = [(run, action) for run, action in plan if action not in ("skip", "record")]
     done = total - len(todo)
     if done:
-        print(f"[study] skipping {done} finished runs (metrics for {evaluate} exist)")
+        print(f"[study] skipping {done} finished runs (records with metrics for {evaluate})")
     if todo:
         from fasa_seesaw.data import prepare_datasets
 
-        # Built-in data is generated once here, so no run's wall time includes it.
+        # Built-in data and pretrained weights are made once here, so no run's wall time
+        # includes them.
         print("[study] preparing datasets (the first use of a built-in one generates it)")
-        prepare_datasets([train, evaluate])
+        prepare_datasets([train] + evaluations)
+        prepare_weights(study, [run for run, _ in todo])
 
-    durations = [sum(r.wall_times()) for r, a in plan if a == "skip" and sum(r.wall_times()) > 0]
+    durations = [
+        rec["timing"]["train_wall_s"] + rec["timing"]["eval_only_wall_s"]
+        for rec in (run.result() for run, a in plan if a == "skip")
+        if rec is not None
+    ]
+    start_time = time.perf_counter()
+    stopped = []
     failed = []
     env = thread_env(args.jobs)
     if args.jobs > 1:
@@ -365,6 +499,11 @@ def run_study(args):
 
     def one(run, action):
         with lock:
+            if args.max_minutes is not None and action != "evaluate":
+                expected = np.mean(durations) if durations else 0.0
+                if (time.perf_counter() - start_time + expected) / 60 > args.max_minutes:
+                    stopped.append(run.label)
+                    return
             left = len(todo) - state["started"]
             state["started"] += 1
             rounds = math.ceil(left / args.jobs)
@@ -387,6 +526,7 @@ def run_study(args):
             if action != "evaluate":
                 durations.append(sum(run.wall_times()))
             state["done"] += 1
+            study.save_result(run)
             m = load_metrics(run.metrics_file())
             summary = "  ".join(
                 f"{short} AP {_fmt(m.get(task, {}).get('AP'))} "
@@ -394,7 +534,7 @@ def run_study(args):
                 for task, short in TASKS
             )
             print(f"[study] finished {run.label} in {_duration(elapsed)}: {summary}")
-            write_outputs(study, study.runs)
+            write_outputs(study)
 
     if args.jobs == 1:
         for run, action in todo:
@@ -416,16 +556,26 @@ def run_study(args):
             stop_children()
             raise
         pool.shutdown()
-    rows = write_outputs(study, study.runs)
+    rows = write_outputs(study)
     print(
-        f"[study] {len(rows)}/{total} runs have metrics; wrote results.json, table.md"
+        f"[study] {len(rows)} records with metrics for {evaluate}; wrote results.json, table.md"
         + (", groups.png" if rows else "")
-        + f" in {study.out}"
+        + f" in {study.out} ({_duration(time.perf_counter() - start_time)} this command)"
     )
+    if stopped:
+        print(
+            f"[study] --max-minutes {args.max_minutes:g}: {len(stopped)} runs not started "
+            f"({', '.join(stopped)}); run the same command again to go on"
+        )
     if failed:
         print(f"[study] {len(failed)} runs failed: {', '.join(failed)}; run again to retry them")
         return 1
     return 0
+
+
+def _short(commit):
+    head, plus, tail = commit.partition("+")
+    return head[:12] + plus + tail
 
 
 def _fmt(v):

@@ -1,12 +1,15 @@
 # Copyright (c) fasa_seesaw contributors.
 """
-The long-tail study's report (tools/longtail_study.py runs the study): from the run folders'
-metrics and records, writes into the study folder
+The long-tail study's report (tools/longtail_study.py runs the study): from the runs' records
+(tools/study_records.py), writes into the study folder
 
     results.json   raw per-run metrics (box and mask LVIS AP, APr, APc, APf, ...) and wall times
     table.md       mean ± std over seeds per config: box and mask AP, APr, APc, APf, and every
                    config's difference to the baseline
     groups.png     APr / APc / APf per config, box and mask, with std error bars
+    ablations.md   the FASA supplement's ablations (Tables 1-4): ours beside the paper's
+
+    python tools/study_report.py --records docs/study/records --split test --out docs/study
 """
 
 import csv
@@ -16,7 +19,11 @@ import math
 import numpy as np
 import os
 import platform
+import sys
 from collections import OrderedDict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from study_records import all_records  # noqa: E402  (tools/ is not a package)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = (("bbox", "box"), ("segm", "mask"))
@@ -65,7 +72,7 @@ def _cell(stat):
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
-def format_table(study, summary):
+def format_table(study, summary, info=None):
     head = ["config", "n"]
     head += [f"{short} {m}" for _, short in TASKS for m in METRICS] + ["min/run"]
     lines = [
@@ -85,6 +92,15 @@ def format_table(study, summary):
     if not summary:
         lines.append("| (no finished runs) |" + " |" * (len(head) - 1))
     lines += compare_lines(summary)
+    if info:
+        lines += [
+            "",
+            f"{info['runs']} runs from the records in `{info['records']}`; model code "
+            + ", ".join(f"`{c[:12]}`" for c in info["code_commits"])
+            + f". Machine time: {info['machine_s'] / 3600:.2f} h (run wall time x the share "
+            f"of the {os.cpu_count()} cores each run used; {info['run_wall_s'] / 3600:.2f} h "
+            "of run wall time).",
+        ]
     lines += ["", f"Command: `{study.command_line}`", ""]
     return "\n".join(lines)
 
@@ -215,42 +231,164 @@ def rare_classes_with_ap(folder):
     return out
 
 
-def write_outputs(study, runs):
+def rows_from_records(records_dir, eval_dataset):
+    """One row per record with metrics for eval_dataset (the table's and results.json's)."""
     rows = []
-    for run in runs:
-        path = run.metrics_file()
-        if path is None:
+    for path, rec in all_records(records_dir):
+        metrics = rec["metrics"].get(eval_dataset)
+        if not metrics:
             continue
-        train_s, eval_s = run.wall_times()
-        try:
-            metrics = load_metrics(path)
-        except ValueError:  # still being written by a run evaluating now (--jobs): next time
-            continue
+        timing = rec["timing"]
         row = OrderedDict(
-            config=run.name,
-            config_file=os.path.relpath(run.config_file, ROOT),
-            seed=run.seed,
-            output_dir=run.dir,
-            metrics_file=path,
-            train_wall_s=round(train_s, 2),
-            eval_only_wall_s=round(eval_s, 2),
-            wall_s=round(train_s + eval_s, 2),
+            config=rec["config"],
+            config_file=rec["config_file"],
+            seed=rec["seed"],
+            record=os.path.relpath(path, ROOT),
+            code_commit=rec["code_commit"],
+            train_wall_s=timing["train_wall_s"],
+            eval_only_wall_s=timing["eval_only_wall_s"],
+            wall_s=round(timing["train_wall_s"] + timing["eval_only_wall_s"], 2),
+            threads=timing.get("threads"),
         )
         for task, _ in TASKS:
             row[task] = metrics.get(task, {})
-        row["rare_classes_with_ap"] = rare_classes_with_ap(os.path.dirname(path))
+        row["rare_classes_with_ap"] = metrics.get("rare_classes_with_ap", {})
+        passes = (rec.get("fasa") or {}).get("passes") or []
+        if passes:
+            row["fasa_passes"] = len({p["pass"] for p in passes})
+            row["fasa_groups"] = [p["num_groups"] for p in passes if p["stage"] == 0]
+            row["fasa_largest_group"] = [p["largest_group"] for p in passes if p["stage"] == 0]
         rows.append(row)
-    summary = summarize(rows, study.configs)
+    return rows
+
+
+def ordered_configs(rows, order=()):
+    """Config names of the rows: those in `order` first, in its order, then the others sorted."""
+    names = {r["config"] for r in rows}
+    return [n for n in order if n in names] + sorted(names - set(order))
+
+
+def machine_time(rows):
+    """Seconds of the machine the runs took: each run's wall time x its share of the cores."""
+    cores = os.cpu_count() or 1
+    total = 0.0
+    for r in rows:
+        threads = max(int(t) for t in r["threads"]) if r.get("threads") else cores
+        total += r["wall_s"] * min(threads, cores) / cores
+    return total
+
+
+# The FASA supplement's ablations: (title, [(config, our label, the paper's row)], the paper's
+# column names, the metric our columns show). The paper's rows are copied from its tables.
+MASK = ("AP", "APr", "APc", "APf")
+ABLATIONS = [
+    (
+        "Table 2: initial draw probabilities (mask AP, %; paper: LVIS v1 val, Mask R-CNN R50)",
+        [
+            ("ce", "no FASA", ("22.3", "12.7", "21.7", "26.9")),
+            ("fasa_uniform", "FASA, uniform", ("23.2", "15.1", "23.4", "26.6")),
+            ("fasa", "FASA, inverse class frequency", ("23.7", "17.8", "22.9", "27.2")),
+        ],
+        ("AP", "APr", "APc", "APf"),
+        ("segm", MASK),
+    ),
+    (
+        "Table 3: adaptation signal (paper: CIFAR-100-LT accuracy, %, 3 runs)",
+        [
+            ("fasa", "validation loss", ("43.7 ± 0.25",)),
+            ("fasa_metric", "validation metric (here: per-class box AP)", ("43.9 ± 0.38",)),
+        ],
+        ("accuracy",),
+        ("segm", MASK),
+    ),
+    (
+        "Table 4: group-wise vs class-wise adaptation (paper: CIFAR-100-LT accuracy, %, 3 runs)",
+        [
+            ("fasa", "group-wise (MeanShift)", ("43.7 ± 0.25",)),
+            ("fasa_affinity", "group-wise (AffinityPropagation)", ("",)),
+            ("fasa_classwise", "class-wise", ("43.3 ± 0.85",)),
+        ],
+        ("accuracy",),
+        ("segm", MASK),
+    ),
+    (
+        "Table 1: TIDE errors, dAP (%; paper: LVIS v1 val, Mask R-CNN; ours: mask, IoU 0.5)",
+        [
+            ("ce", "Mask R-CNN", ("25.10", "6.71", "0.59", "0.36", "3.17", "7.15")),
+            ("fasa", "+ FASA", ("20.74", "6.80", "0.50", "0.41", "3.48", "7.29")),
+        ],
+        ("E_cls", "E_loc", "E_both", "E_dupe", "E_bkg", "E_miss"),
+        ("segm", tuple(f"TIDE_{k}" for k in ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"))),
+    ),
+]
+
+
+def ablation_lines(rows):
+    """Markdown: one small table per ablation, ours (mean ± std over seeds) beside the paper's."""
+    lines = ["# The FASA supplement's ablations on the study regime", ""]
+    for title, entries, paper_cols, (task, metrics) in ABLATIONS:
+        head = ["config", "n"] + [f"ours {m}" for m in metrics]
+        head += [f"paper {c}" for c in paper_cols]
+        lines += [f"## {title}", "", *_md_head(head)]
+        for name, label, paper in entries:
+            mine = [r for r in rows if r["config"] == name]
+            cells = [f"{label} (`{name}`)", str(len(mine))]
+            for m in metrics:
+                cells.append(
+                    _cell(
+                        dict(
+                            zip(
+                                ("mean", "std", "n"),
+                                _mean_std([r.get(task, {}).get(m) for r in mine]),
+                            )
+                        )
+                    )
+                )
+            lines.append("| " + " | ".join(cells + list(paper)) + " |")
+        lines.append("")
+    return lines
+
+
+def fasa_pass_lines(rows):
+    """Markdown: per FASA run, the groups its adaptation passes formed."""
+    runs = [r for r in rows if r.get("fasa_passes")]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "FASA's adaptation per run: passes, then per pass the number of groups and the largest "
+        "group's size (of the classes; stage 0).",
+        "",
+        *_md_head(["config", "seed", "passes", "groups per pass", "largest group per pass"]),
+    ]
+    for r in runs:
+        lines.append(
+            f"| `{r['config']}` | {r['seed']} | {r['fasa_passes']} | "
+            + " ".join(map(str, r["fasa_groups"]))
+            + " | "
+            + " ".join(map(str, r["fasa_largest_group"]))
+            + " |"
+        )
+    return lines
+
+
+def write_outputs(study, order=None):
+    """results.json, table.md and groups.png in study.out, from the records in
+    study.records_dir that have metrics for study.eval_dataset. Returns the rows."""
+    rows = rows_from_records(study.records_dir, study.eval_dataset)
+    configs = ordered_configs(rows, order or getattr(study, "order", ()))
+    summary = summarize(rows, configs)
     payload = OrderedDict(
         study=OrderedDict(
             train_dataset=study.train_dataset,
             eval_dataset=study.eval_dataset,
-            num_classes=study.num_classes,
-            configs=study.configs,
-            seeds=study.seeds,
-            iters=study.iters,
-            opts=study.opts,
-            jobs=study.jobs,
+            num_classes=getattr(study, "num_classes", None),
+            records=os.path.relpath(study.records_dir, ROOT),
+            configs=configs,
+            code_commits=sorted({r["code_commit"] for r in rows}),
+            runs=len(rows),
+            run_wall_s=round(sum(r["wall_s"] for r in rows), 1),
+            machine_s=round(machine_time(rows), 1),
             command=study.command_line,
             machine=f"{platform.platform()}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}",
@@ -260,10 +398,50 @@ def write_outputs(study, runs):
         summary=summary,
         differences=differences(summary),
     )
+    os.makedirs(study.out, exist_ok=True)
     with open(os.path.join(study.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
     with open(os.path.join(study.out, "table.md"), "w", encoding="utf-8") as f:
-        f.write(format_table(study, summary))
+        f.write(format_table(study, summary, payload["study"]))
+        f.write("\n".join(fasa_pass_lines(rows)) + "\n")
+    with open(os.path.join(study.out, "ablations.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(ablation_lines(rows)))
     if summary:
         plot_groups(study, summary, os.path.join(study.out, "groups.png"))
     return rows
+
+
+def main(argv=None):
+    """python tools/study_report.py --records docs/study/records --split test --out docs/study"""
+    import argparse
+    import shlex
+    from types import SimpleNamespace
+
+    ap = argparse.ArgumentParser(
+        description="Rebuild the study's results.json, table.md and groups.png from its records."
+    )
+    ap.add_argument("--records", required=True, help="the records folder (<config>/seed<k>.json)")
+    ap.add_argument("--out", required=True, help="where the three files go")
+    ap.add_argument("--spec", default="study", help="built-in spec of the split (default study)")
+    ap.add_argument("--split", choices=("val", "test"), default="test")
+    ap.add_argument("--eval-dataset", default=None, help="a dataset name instead of --split")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.records):
+        sys.exit(f"error: no records folder {args.records}")
+    from longtail_study import MATRIX  # the table's order
+
+    study = SimpleNamespace(
+        out=args.out,
+        records_dir=os.path.abspath(args.records),
+        eval_dataset=args.eval_dataset or f"longtail_synth_{args.spec}_{args.split}",
+        train_dataset=f"longtail_synth_{args.spec}_train",
+        command_line=shlex.join(["python", "tools/study_report.py"] + sys.argv[1:]),
+        order=list(MATRIX),
+    )
+    rows = write_outputs(study)
+    print(f"[report] {len(rows)} records with metrics for {study.eval_dataset} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

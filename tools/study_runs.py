@@ -14,50 +14,89 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
+
+from study_records import RECORD_VERSION, fasa_passes, head_commit, read_record, record_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "train_net.py")
 
 
 class Run:
-    """One (config, seed) cell of the matrix and its folder."""
+    """One (config, seed) cell of the matrix: its folder and its committed record."""
 
     def __init__(self, study, name, seed):
         self.study, self.name, self.seed = study, name, seed
         self.config_file = study.config_files[name]
         self.dir = os.path.join(study.out, "runs", name, f"seed{seed}")
-        self.record_file = os.path.join(self.dir, "study_run.json")
+        self.record_file = os.path.join(self.dir, "study_run.json")  # attempts (local)
+        self.result_file = record_path(study.records_dir, name, seed)  # the record (committed)
 
     @property
     def label(self):
         return f"{self.name} seed {self.seed}"
 
-    def metrics_file(self):
-        """The newest lvis_metrics.json for the study's evaluation dataset, or None."""
-        ds = self.study.eval_dataset
+    def key(self):
+        """What must match for a record to stand for this run (see study_records)."""
+        return OrderedDict(
+            config=self.name,
+            config_sha1=self.study.config_sha1[self.name],
+            seed=self.seed,
+            code_commit=self.study.code_commit,
+            train_dataset=self.study.train_identity,
+            settings=self.study.settings(),
+        )
+
+    def result(self):
+        """This run's record if it has the current key, else None."""
+        rec = read_record(self.result_file)
+        if rec is None or rec.get("version") != RECORD_VERSION:
+            return None
+        return rec if rec.get("key") == json.loads(json.dumps(self.key())) else None
+
+    def metrics_file(self, dataset=None):
+        """The newest lvis_metrics.json in the run folder for `dataset` (default: the study's
+        evaluation dataset), or None."""
+        ds = dataset or self.study.eval_dataset
         found = glob.glob(os.path.join(self.dir, "inference", ds, "lvis_metrics.json"))
         found += glob.glob(
-            os.path.join(self.dir, "eval", ds, "*", "inference", ds, "lvis_metrics.json")
+            os.path.join(self.dir, "eval", "*", "*", "inference", ds, "lvis_metrics.json")
         )
         return max(found, key=os.path.getmtime) if found else None
 
+    def trained_commit(self):
+        """The model-code commit of the folder's training attempts (None without any)."""
+        commits = {
+            a.get("code_commit")
+            for a in self.attempts()["attempts"]
+            if a["action"] in ("train", "resume", "restart")
+        }
+        return commits.pop() if len(commits) == 1 else (None if not commits else "mixed")
+
     def action(self):
-        """skip | evaluate | resume | restart | train."""
-        if self.metrics_file():
+        """skip | record | evaluate | resume | restart | train."""
+        rec = self.result()
+        if rec is not None and self.study.eval_dataset in rec["metrics"]:
             return "skip"
+        local = os.path.isdir(self.dir) and os.listdir(self.dir)
+        if local and self.trained_commit() not in (None, self.study.code_commit):
+            return "restart"  # trained with other model code: stale
+        if all(self.metrics_file(ds) for ds in self.study.eval_datasets):
+            return "record"  # evaluated, but no record of the current key yet
         if os.path.isfile(os.path.join(self.dir, "model_final.pth")):
-            return "evaluate"
+            return "evaluate"  # trained; an evaluation dataset has no metrics yet
         if os.path.isfile(os.path.join(self.dir, "last_checkpoint")):
             return "resume"
-        if os.path.isdir(self.dir) and os.listdir(self.dir):
+        if local:
             return "restart"
         return "train"
 
     def command(self, action):
         s = self.study
+        tests = "(" + "".join(f"'{d}'," for d in s.eval_datasets) + ")"
         data = [
             "DATASETS.TRAIN", f"('{s.train_dataset}',)",
-            "DATASETS.TEST", f"('{s.eval_dataset}',)",
+            "DATASETS.TEST", tests,
             "MODEL.ROI_HEADS.NUM_CLASSES", str(s.num_classes),
         ]  # fmt: skip
         cmd = [sys.executable, TRAIN_NET, "--config-file", self.config_file] + s.dataset_args
@@ -72,7 +111,7 @@ class Run:
         opts = ["SEED", str(self.seed), "OUTPUT_DIR", out] + data + s.schedule[self.name]
         return cmd + opts + s.opts + extra
 
-    def record(self):
+    def attempts(self):
         try:
             with open(self.record_file, encoding="utf-8") as f:
                 return json.load(f)
@@ -80,7 +119,7 @@ class Run:
             return {"config": self.name, "seed": self.seed, "attempts": []}
 
     def add_attempt(self, attempt):
-        rec = self.record()
+        rec = self.attempts()
         rec["attempts"].append(attempt)
         os.makedirs(self.dir, exist_ok=True)
         # Written to a temporary file and renamed: another thread may read it (--jobs).
@@ -89,15 +128,53 @@ class Run:
             json.dump(rec, f, indent=2)
         os.replace(tmp, self.record_file)
 
+    def build_result(self):
+        """The record of the finished run folder (metrics of every evaluated dataset), merged
+        with an earlier record of the same key (e.g. one split evaluated before)."""
+        from study_report import TASKS, load_metrics, rare_classes_with_ap
+
+        old = self.result()
+        metrics = OrderedDict(old["metrics"]) if old else OrderedDict()
+        for ds in self.study.eval_datasets:
+            path = self.metrics_file(ds)
+            if path is None:
+                continue
+            m = load_metrics(path)
+            entry = OrderedDict((task, m.get(task, {})) for task, _ in TASKS)
+            entry["rare_classes_with_ap"] = rare_classes_with_ap(os.path.dirname(path))
+            metrics[ds] = entry
+        train_s, eval_s = self.wall_times()
+        attempts = self.attempts()["attempts"]
+        threads = {a.get("threads") for a in attempts if a.get("returncode") == 0}
+        return OrderedDict(
+            version=RECORD_VERSION,
+            key=self.key(),
+            config=self.name,
+            config_file=os.path.relpath(self.config_file, ROOT),
+            seed=self.seed,
+            code_commit=self.study.code_commit,
+            head_commit=head_commit(),
+            train_dataset=self.study.train_dataset,
+            metrics=metrics,
+            timing=OrderedDict(
+                train_wall_s=round(train_s, 2),
+                eval_only_wall_s=round(eval_s, 2),
+                threads=sorted(t for t in threads if t) or None,
+                finished=datetime.datetime.now().isoformat(timespec="seconds"),
+            ),
+            fasa=OrderedDict(passes=fasa_passes(self.dir)) if fasa_passes(self.dir) else None,
+            command=self.command("train")[1:],
+        )
+
     def wall_times(self):
         """(training wall s, all attempts; eval-only wall s, successful ones on this dataset)."""
-        attempts = self.record()["attempts"]
+        attempts = self.attempts()["attempts"]
         train = sum(a["wall_s"] for a in attempts if a["action"] in ("train", "resume", "restart"))
         evaluate = sum(
             a["wall_s"]
             for a in attempts
             if a["action"] == "evaluate"
-            and a["eval_dataset"] == self.study.eval_dataset
+            and self.study.eval_dataset in a.get("eval_datasets", [a.get("eval_dataset")])
             and a["returncode"] == 0
         )
         return train, evaluate
@@ -186,7 +263,8 @@ def execute(run, action, progress, env=None):
             run.add_attempt(
                 {
                     "action": action,
-                    "eval_dataset": run.study.eval_dataset,
+                    "eval_datasets": list(run.study.eval_datasets),
+                    "code_commit": run.study.code_commit,
                     "started": started,
                     "wall_s": round(time.perf_counter() - start, 2),
                     "returncode": rc,

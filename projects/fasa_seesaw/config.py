@@ -137,6 +137,10 @@ def add_fasa_seesaw_config(cfg):
     _C.FASA_SEESAW.PROGRESS_PERIOD = 20
     # Fail early when MODEL.ROI_HEADS.NUM_CLASSES disagrees with the training dataset's categories.
     _C.FASA_SEESAW.CHECK_NUM_CLASSES = True
+    # Train on the images FASA would train on (DATASETS.TRAIN minus the held-out part carved with
+    # MODEL.FASA.ADAPT.HELDOUT_FRACTION and SEED) without FASA: the control that tells a FASA
+    # difference from a difference in training data. Ignored when FASA carves its own split.
+    _C.FASA_SEESAW.HOLD_OUT_FASA_SPLIT = False
 
     _C.FASA_SEESAW.GRAD_STATS = CN()
     # Accumulate per-category positive and negative gradients on the class logits during

@@ -7,8 +7,10 @@ and down if it rose.
 """
 
 import contextlib
+import json
 import logging
 import numpy as np
+import os
 import random
 from typing import Callable, List, Optional, Tuple
 import torch
@@ -354,7 +356,7 @@ class FASAAdaptationHook(HookBase):
             groups.append(_broadcast(g))
         mode = self._signal_mode()
         for k, (p, (sums, counts), g) in enumerate(zip(fasas, stats, groups)):
-            old = p.probs.cpu().numpy()
+            old = p.probs.cpu().numpy().copy()  # .numpy() of a CPU tensor shares its memory
             no_cluster = (g < 0).all()  # affinity_reference found none: nothing moves
             if no_cluster:
                 g = np.arange(len(g))
@@ -367,9 +369,34 @@ class FASAAdaptationHook(HookBase):
             p.probs.copy_(torch.as_tensor(new, dtype=p.probs.dtype))
             prefix = f"fasa/stage{k}/" if len(fasas) > 1 else "fasa/"
             self._log(storage, prefix, new, g, cur, sums, counts)
+            self._record(k, old, new, g)
         self.prev = [(np.asarray(s, np.float64), np.asarray(c, np.float64)) for s, c in stats]
         self.groups = groups
         self.passes += 1
+
+    def _record(self, stage, old, new, groups):
+        """Appends the pass to <OUTPUT_DIR>/fasa_adaptation.jsonl (main process): the groups it
+        formed and how many classes moved. A resumed run may repeat a pass: the last line of a
+        (pass, stage) is the one that counts. Only a hook registered with a trainer writes."""
+        out = self.cfg.OUTPUT_DIR if self.cfg is not None else ""
+        if not out or self.trainer is None or not comm.is_main_process():
+            return
+        sizes = np.bincount(groups)
+        sizes = sorted((int(x) for x in sizes[sizes > 0]), reverse=True)
+        rec = {
+            "pass": self.passes + 1,
+            "iteration": int(self.trainer.iter + 1) if hasattr(self.trainer, "iter") else None,
+            "stage": stage,
+            "num_groups": len(sizes),
+            "largest_group": sizes[0],
+            "group_sizes": sizes,
+            "moved_up": int((new > old * (1 + 1e-9)).sum()),
+            "moved_down": int((new < old * (1 - 1e-9)).sum()),
+            "p_sum": float(np.sum(new)),
+        }
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "fasa_adaptation.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _log(self, storage, prefix, probs, groups, group_value, sums, counts):
         sizes = np.bincount(groups)
@@ -443,7 +470,17 @@ def configure_fasa_heldout(cfg):
     from ..data.heldout import register_heldout_split
 
     a = cfg.MODEL.FASA.ADAPT
-    if not (cfg.MODEL.FASA.ENABLED and a.ENABLED):
+    carving = cfg.MODEL.FASA.ENABLED and a.ENABLED
+    if not carving and cfg.FASA_SEESAW.HOLD_OUT_FASA_SPLIT:
+        if len(cfg.DATASETS.TRAIN) != 1:
+            raise ConfigError(
+                "FASA_SEESAW.HOLD_OUT_FASA_SPLIT carves one training dataset; DATASETS.TRAIN has "
+                f"{len(cfg.DATASETS.TRAIN)}."
+            )
+        fit, _ = register_heldout_split(cfg.DATASETS.TRAIN[0], a.HELDOUT_FRACTION, a.SEED)
+        cfg.DATASETS.TRAIN = (fit,)
+        return cfg
+    if not carving:
         return cfg
     if not a.HELDOUT_DATASET:
         if len(cfg.DATASETS.TRAIN) != 1:

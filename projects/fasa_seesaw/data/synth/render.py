@@ -31,6 +31,18 @@ def _regular(n: int, radius_ratio: Optional[float] = None) -> np.ndarray:
     return np.stack([radius * np.cos(ang), radius * np.sin(ang)], axis=1)
 
 
+def _crescent(steps: int = 16) -> np.ndarray:
+    """The unit disc minus a disc of radius 0.8 centred at (0.5, 0): outer arc, then inner arc."""
+    outer = np.deg2rad(np.linspace(52.4, 307.6, steps))
+    inner = np.deg2rad(np.linspace(277.9, 82.1, steps))
+    return np.concatenate(
+        [
+            np.stack([np.cos(outer), np.sin(outer)], axis=1),
+            np.stack([0.5 + 0.8 * np.cos(inner), 0.8 * np.sin(inner)], axis=1),
+        ]
+    )
+
+
 def _unit_shapes() -> Dict[str, np.ndarray]:
     """Shape templates centred at 0 spanning about [-1, 1]; scaled and rotated per instance."""
     arm = 0.33
@@ -43,7 +55,24 @@ def _unit_shapes() -> Dict[str, np.ndarray]:
     arrow = np.array(
         [[-1, -0.25], [0.2, -0.25], [0.2, -0.6], [1, 0], [0.2, 0.6], [0.2, 0.25], [-1, 0.25]]
     )
+    # The backbone pretraining's shapes (fasa_seesaw.pretrain), disjoint from the datasets'.
+    extra = {
+        "semicircle": np.concatenate([_regular(24)[6:19], [[0.0, 0.0]]]) - np.array([0.0, 0.5]),
+        "crescent": _crescent(),
+        "trapezoid": np.array([[-1, 0.6], [-0.45, -0.6], [0.45, -0.6], [1, 0.6]]),
+        "parallelogram": np.array([[-1, 0.5], [-0.4, -0.5], [1, -0.5], [0.4, 0.5]]),
+        "kite": np.array([[0, -1], [0.55, -0.35], [0, 1], [-0.55, -0.35]]),
+        "chevron": np.array([[-1, -0.2], [0, -0.9], [1, -0.2], [1, 0.3], [0, -0.4], [-1, 0.3]]),
+        "l_shape": np.array([[-0.8, -1], [-0.2, -1], [-0.2, 0.4], [0.8, 0.4], [0.8, 1], [-0.8, 1]]),
+        "t_shape": np.array(
+            [[-1, -1], [1, -1], [1, -0.45], [0.3, -0.45], [0.3, 1], [-0.3, 1], [-0.3, -0.45]]
+            + [[-1, -0.45]]
+        ),
+        "four_star": _regular(4, radius_ratio=0.38),
+        "octagon": _regular(8),
+    }
     return {
+        **{k: v.astype(np.float64) for k, v in extra.items()},
         "circle": _regular(24),
         "ellipse": _regular(24) * np.array([1.0, 0.55]),
         "square": np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) / np.sqrt(2.0),
@@ -88,6 +117,16 @@ def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray, period: float) -> 
         du = np.mod(u, period) - period / 2
         dv = np.mod(v, period) - period / 2
         return du * du + dv * dv < (0.3 * period) ** 2
+    # The backbone pretraining's textures (fasa_seesaw.pretrain), disjoint from the datasets'.
+    if texture == "ringed":
+        return (np.floor(np.sqrt(u * u + v * v) / (0.5 * period)).astype(np.int64) % 2) == 1
+    if texture == "grid":
+        return (np.mod(u, period) < 0.25 * period) | (np.mod(v, period) < 0.25 * period)
+    if texture == "zigzag":
+        tooth = np.abs(np.mod(v, period) - period / 2)
+        return (np.floor((u + tooth) / (0.5 * period)).astype(np.int64) % 2) == 1
+    if texture == "halved":
+        return u > 0
     return np.zeros(u.shape, dtype=bool)
 
 
