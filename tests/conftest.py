@@ -48,7 +48,10 @@ def smoke_data():
 def _load_tool(name):
     if name in sys.modules:
         return sys.modules[name]
-    path = os.path.join(ROOT, "tools", f"{name}.py")
+    tools = os.path.join(ROOT, "tools")
+    if tools not in sys.path:  # the tools import each other by name
+        sys.path.insert(0, tools)
+    path = os.path.join(tools, f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # the tools import each other by name

@@ -200,7 +200,10 @@ class TestLongTailStudy(unittest.TestCase):
         # ones) is not started; the command says so and succeeds.
         r = run_study(["--records", records, "--max-minutes", "0.0001"] + args, self.env)
         self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
-        self.assertIn("--max-minutes 0.0001: 1 runs not started (seesaw seed 0)", r.stdout)
+        self.assertIn(
+            "1 runs not started (seesaw seed 0): --max-minutes 0.0001; run the same command",
+            r.stdout,
+        )
         self.assertFalse(os.path.exists(os.path.join(out, "runs", "seesaw")))
 
     def test_record_holds_the_key_and_the_metrics(self):
@@ -321,6 +324,28 @@ class TestLongTailStudy(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("other settings (iters: 6, now 7)", r.stderr)
         self.assertNotIn("Traceback", r.stderr)
+
+
+class TestChangedSinceStart(unittest.TestCase):
+    """A run starts only with the model code and config its record will name."""
+
+    def test_code_or_config_change_stops_new_runs(self):
+        import types
+
+        records = self.load_tool("study_records")
+        ls = self.load_tool("longtail_study")
+        path = os.path.join(ROOT, "configs", "study", "mask_rcnn_R_18_FPN_ce_study.yaml")
+        commit, dirty = records.code_commit()
+        study = types.SimpleNamespace(
+            code_commit=commit + ("+dirty" if dirty else ""),
+            config_sha1={"ce": records.config_sha1(path)},
+        )
+        run = types.SimpleNamespace(name="ce", config_file=path)
+        self.assertEqual(ls.Study.changed_since_start(study, run), "")
+        study.config_sha1["ce"] = "0" * 40
+        self.assertIn("its config", ls.Study.changed_since_start(study, run))
+        study.code_commit = "0" * 40
+        self.assertIn("the model code", ls.Study.changed_since_start(study, run))
 
 
 class TestDifferences(unittest.TestCase):

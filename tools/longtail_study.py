@@ -402,6 +402,16 @@ class Study:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(self.settings(), f, indent=2)
 
+    def changed_since_start(self, run):
+        """What of a run's key changed on disk since the command started ("" if nothing): runs
+        are subprocesses that read the model code and config files when they start."""
+        commit, dirty = code_commit()
+        if commit + ("+dirty" if dirty else "") != self.code_commit:
+            return "the model code (" + ", ".join(MODEL_CODE_PATHS) + ")"
+        if config_sha1(run.config_file) != self.config_sha1[run.name]:
+            return f"its config ({os.path.relpath(run.config_file, ROOT)})"
+        return ""
+
     def save_result(self, run):
         """Writes the run's record (and commits it with --commit-records)."""
         rec = run.build_result()
@@ -499,6 +509,15 @@ def run_study(args):
 
     def one(run, action):
         with lock:
+            changed = study.changed_since_start(run)
+            if changed:
+                # The run would train with code or a config its record would not name.
+                print(
+                    f"[study] not starting {run.label}: {changed} changed since the start; "
+                    "run the command again"
+                )
+                stopped.append(run.label)
+                return
             if args.max_minutes is not None and action != "evaluate":
                 expected = np.mean(durations) if durations else 0.0
                 if (time.perf_counter() - start_time + expected) / 60 > args.max_minutes:
@@ -564,8 +583,9 @@ def run_study(args):
     )
     if stopped:
         print(
-            f"[study] --max-minutes {args.max_minutes:g}: {len(stopped)} runs not started "
-            f"({', '.join(stopped)}); run the same command again to go on"
+            f"[study] {len(stopped)} runs not started ({', '.join(stopped)}): "
+            + (f"--max-minutes {args.max_minutes:g}; " if args.max_minutes else "")
+            + "run the same command again to go on"
         )
     if failed:
         print(f"[study] {len(failed)} runs failed: {', '.join(failed)}; run again to retry them")
