@@ -10,7 +10,6 @@ import unittest
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from detectron2.structures import Boxes, Instances
@@ -18,6 +17,7 @@ from detectron2.utils.events import EventStorage
 
 from fasa_seesaw.engine import FASAAdaptationHook
 from fasa_seesaw.testing import TOY_COUNTS as COUNTS
+from fasa_seesaw.testing import spawn_gloo
 from fasa_seesaw.testing import toy_fasa_seesaw_predictor as make_predictor
 
 pytestmark = pytest.mark.slow  # training, subprocesses or several processes
@@ -78,7 +78,7 @@ class TestFASADistributed(unittest.TestCase):
     def test_two_processes_equal_one_process_on_union(self):
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "state")
-            mp.spawn(_worker, args=(2, os.path.join(d, "init"), out), nprocs=2)
+            spawn_gloo(_worker, (2, os.path.join(d, "init"), out), 2, os.path.join(d, "init"))
             states = [torch.load(f"{out}.{r}") for r in range(2)]
         bank, probs = run(TinyModel(), shard_data(1), shard_data(2))
         inv = 1.0 / torch.tensor(COUNTS, dtype=torch.float64)

@@ -8,7 +8,6 @@ import unittest
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fasa_seesaw import ConfigError
 from fasa_seesaw.modeling.fasa_feature_bank import ClassFeatureBank
@@ -17,6 +16,7 @@ from fasa_seesaw.modeling.fasa_sampling import (
     initial_probabilities,
     sample_virtual_features,
 )
+from fasa_seesaw.testing import spawn_gloo
 
 C, D = 4, 3
 
@@ -150,8 +150,8 @@ class TestFeatureBankDistributed(unittest.TestCase):
     def test_two_processes_equal_single_process_on_union(self):
         for mode in ("ema", "exact"):
             with tempfile.TemporaryDirectory() as d:
-                out = os.path.join(d, "bank")
-                mp.spawn(_bank_worker, args=(2, os.path.join(d, "init"), mode, out), nprocs=2)
+                out, init = os.path.join(d, "bank"), os.path.join(d, "init")
+                spawn_gloo(_bank_worker, (2, init, mode, out), 2, init)
                 states = [torch.load(f"{out}.{r}") for r in range(2)]
                 own = [torch.load(f"{out}.own.{r}") for r in range(2)]
             single = ClassFeatureBank(C, D, mode=mode)

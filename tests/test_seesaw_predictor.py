@@ -6,7 +6,6 @@ import unittest
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -23,6 +22,7 @@ from fasa_seesaw.modeling import (
     SeesawFastRCNNOutputLayers,
     SeesawLoss,
 )
+from fasa_seesaw.testing import spawn_gloo
 
 NUM_CLASSES = 6
 # Keyword arguments of SeesawLoss; the rest go to the predictor.
@@ -225,7 +225,7 @@ class TestDistributedCounts(unittest.TestCase):
     def _run(self, sync):
         with tempfile.TemporaryDirectory() as d:
             init_file, out = os.path.join(d, "init"), os.path.join(d, "counts")
-            mp.spawn(_worker, args=(2, init_file, sync, out), nprocs=2, join=True)
+            spawn_gloo(_worker, (2, init_file, sync, out), 2, init_file)
             return [torch.load(f"{out}.{r}") for r in range(2)]
 
     def test_two_processes_sum_to_single_process(self):

@@ -7,9 +7,9 @@ one sitting completes over several, on any machine with the repository.
 A record holds the run's key and what it produced:
 
     key       config name, sha1 of its config files (the _BASE_ chain), seed, the commit of the
-              model code (the last commit touching MODEL_CODE_PATHS), the training dataset's
-              identity (a built-in spec's hash, or the sha1 of an LVIS json) and the study's
-              settings (--iters, --opts)
+              model code (the last commit touching MODEL_CODE_PATHS, test helpers aside), the
+              training dataset's identity (a built-in spec's hash, or the sha1 of an LVIS json)
+              and the study's settings (--iters, --opts)
     metrics   per evaluation dataset: box and mask LVIS AP/APr/APc/APf (+ TIDE when evaluated),
               rare classes with AP > 0
     timing    training + evaluation wall seconds, threads, start and end
@@ -30,6 +30,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What makes a trained model (besides its config and data): a change here makes records stale.
 MODEL_CODE_PATHS = ("projects/fasa_seesaw", "train_net.py")
+# ... except the test helpers, which no training run imports.
+_PATHSPEC = MODEL_CODE_PATHS + (":(exclude)projects/fasa_seesaw/testing.py",)
 RECORD_VERSION = 1
 
 
@@ -44,10 +46,10 @@ def _git(*args):
 def code_commit():
     """(commit, dirty): the last commit that touched the model code, and whether the working
     tree changes it now. ("unknown", False) outside a git checkout."""
-    commit = _git("log", "-1", "--format=%H", "--", *MODEL_CODE_PATHS)
+    commit = _git("log", "-1", "--format=%H", "--", *_PATHSPEC)
     if not commit:
         return "unknown", False
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", *MODEL_CODE_PATHS)
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *_PATHSPEC)
     return commit, bool(status)
 
 

@@ -250,3 +250,19 @@ def lvis_api_reference(gt, dets, iou_type, max_dets=300):
         per_cat.append(p[p > -1].mean() * 100 if (p > -1).any() else np.nan)
     metrics = {k: (np.nan if v == -1 else v * 100) for k, v in ev.results.items()}
     return metrics, np.array(per_cat), ev
+
+
+def spawn_gloo(fn, args, nprocs, init_file, attempts=2):
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` for tests whose workers join a gloo group
+    through ``init_file`` (passed as ``args[1]``). Gloo's loopback connection set-up can fail
+    transiently ("connectFullMesh failed ... Connection closed by peer"): such a failure is
+    retried with a fresh init file, any other error is raised at once."""
+    import torch.multiprocessing as mp
+
+    for attempt in range(attempts):
+        path = f"{init_file}.{attempt}"
+        try:
+            return mp.spawn(fn, args=(args[0], path) + tuple(args[2:]), nprocs=nprocs)
+        except Exception as e:  # noqa: B902 (re-raised unless it is gloo's set-up)
+            if "connectFullMesh" not in str(e) or attempt == attempts - 1:
+                raise
