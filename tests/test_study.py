@@ -284,14 +284,20 @@ class TestLongTailStudy(unittest.TestCase):
         out = os.path.join(self.tmp, "dry")
         stopped = os.path.join(out, "runs", "ce", "seed1")
         crashed = os.path.join(out, "runs", "ce", "seed2")
-        for d in (stopped, crashed):
+        stale = os.path.join(out, "runs", "ce", "seed0")
+        for d in (stopped, crashed, stale):
             os.makedirs(d)
         open(os.path.join(stopped, "last_checkpoint"), "w").close()
+        # A trained folder whose attempts name no model-code commit or config (an older tool's):
+        # it cannot stand for the current key, so it is trained again, not evaluated.
+        open(os.path.join(stale, "model_final.pth"), "w").close()
+        with open(os.path.join(stale, "study_run.json"), "w") as f:
+            json.dump({"attempts": [{"action": "train", "returncode": 0}]}, f)
         open(os.path.join(crashed, "log.txt"), "w").close()
         args = ["--out", out, "--configs", "ce", "--dry-run", "--spec", "smoke"]
         r = run_study(args + ["--seeds", "0", "1", "2", "--num-classes", "12"], self.env)
         self.assertEqual(r.returncode, 0, r.stderr[-3000:])
-        self.assertIn("[train] ce seed 0", r.stdout)
+        self.assertIn("[restart] ce seed 0", r.stdout)
         self.assertIn("[resume] ce seed 1", r.stdout)
         self.assertIn("[restart] ce seed 2", r.stdout)
         self.assertIn(" --resume ", r.stdout)

@@ -64,14 +64,16 @@ class Run:
         )
         return max(found, key=os.path.getmtime) if found else None
 
-    def trained_commit(self):
-        """The model-code commit of the folder's training attempts (None without any)."""
-        commits = {
-            a.get("code_commit")
+    def trained_key(self):
+        """(model-code commit, config sha1) of the folder's training attempts; None without any
+        attempt, "mixed" if they differ. Attempts written before these were recorded give
+        (None, None), which never matches: such a folder is stale."""
+        keys = {
+            (a.get("code_commit"), a.get("config_sha1"))
             for a in self.attempts()["attempts"]
             if a["action"] in ("train", "resume", "restart")
         }
-        return commits.pop() if len(commits) == 1 else (None if not commits else "mixed")
+        return keys.pop() if len(keys) == 1 else (None if not keys else "mixed")
 
     def action(self):
         """skip | record | evaluate | resume | restart | train."""
@@ -79,8 +81,10 @@ class Run:
         if rec is not None and self.study.eval_dataset in rec["metrics"]:
             return "skip"
         local = os.path.isdir(self.dir) and os.listdir(self.dir)
-        if local and self.trained_commit() not in (None, self.study.code_commit):
-            return "restart"  # trained with other model code: stale
+        trained = self.trained_key()
+        current = (self.study.code_commit, self.study.config_sha1[self.name])
+        if local and trained is not None and trained != current:
+            return "restart"  # trained with other model code or config: stale
         if all(self.metrics_file(ds) for ds in self.study.eval_datasets):
             return "record"  # evaluated, but no record of the current key yet
         if os.path.isfile(os.path.join(self.dir, "model_final.pth")):
@@ -265,6 +269,7 @@ def execute(run, action, progress, env=None):
                     "action": action,
                     "eval_datasets": list(run.study.eval_datasets),
                     "code_commit": run.study.code_commit,
+                    "config_sha1": run.study.config_sha1[run.name],
                     "started": started,
                     "wall_s": round(time.perf_counter() - start, 2),
                     "returncode": rc,
