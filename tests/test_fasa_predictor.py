@@ -14,12 +14,8 @@ from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.engine import check_config
-from fasa_seesaw.modeling import (
-    FASA,
-    FASAFastRCNNOutputLayers,
-    SeesawFastRCNNOutputLayers,
-    SeesawLoss,
-)
+from fasa_seesaw.modeling import FASA, FASAFastRCNNOutputLayers, SeesawFastRCNNOutputLayers
+from fasa_seesaw.testing import toy_fasa_seesaw_predictor
 
 C, D = 5, 8
 COUNTS = [400, 100, 20, 4, 1]
@@ -45,15 +41,7 @@ def fasa_args(**over):
 
 def make(cls=SeesawFastRCNNOutputLayers, **fasa_over):
     """The Seesaw predictor with the cosine classifier (the Seesaw recipe) and FASA."""
-    torch.manual_seed(0)
-    return cls(
-        ShapeSpec(channels=D),
-        box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
-        num_classes=C,
-        cls_loss=SeesawLoss(C),
-        normed_classifier=True,
-        fasa=FASA(C, D, **fasa_args(**fasa_over)),
-    )
+    return toy_fasa_seesaw_predictor(D, COUNTS, cls, **fasa_args(**fasa_over))
 
 
 def proposals(gt):

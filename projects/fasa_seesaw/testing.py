@@ -90,32 +90,34 @@ SMOKE_OPTS = [
 TOY_COUNTS = [300, 120, 40, 12, 3, 1]
 
 
-def toy_fasa_seesaw_predictor(feature_dim: int = 8):
-    """Seesaw + FASA on six classes with ``TOY_COUNTS``; warm-up 100 (bank statistics only)."""
+def toy_fasa_seesaw_predictor(feature_dim: int = 8, counts=TOY_COUNTS, cls=None, **fasa):
+    """Seesaw + cosine classifier + FASA on ``len(counts)`` classes with those instance counts,
+    built after ``torch.manual_seed(0)``. By default warm-up 100 (bank statistics only); ``fasa``
+    overrides any FASA argument, ``cls`` the predictor class (default the Seesaw alias)."""
     from .modeling import FASA, SeesawFastRCNNOutputLayers, SeesawLoss
 
-    C, D = len(TOY_COUNTS), feature_dim
+    C, D = len(counts), feature_dim
+    fasa_args = dict(
+        loss_weight=0.1,
+        samples_per_class=1,
+        clamp_min_zero=False,
+        warmup_iters=100,  # statistics only: the draws would differ between setups
+        bank_mode="ema",
+        bank_momentum=0.1,
+        sync_bank=True,
+        init_probs="inverse_frequency",
+        instance_counts=lambda: counts,
+        epoch_iters=lambda: 100,
+    )
+    fasa_args.update(fasa)
     torch.manual_seed(0)
-    return SeesawFastRCNNOutputLayers(
+    return (cls or SeesawFastRCNNOutputLayers)(
         ShapeSpec(channels=D),
         box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
         num_classes=C,
         cls_loss=SeesawLoss(C),
         normed_classifier=True,
-        fasa=FASA(
-            C,
-            D,
-            loss_weight=0.1,
-            samples_per_class=1,
-            clamp_min_zero=False,
-            warmup_iters=100,  # statistics only: the draws would differ between setups
-            bank_mode="ema",
-            bank_momentum=0.1,
-            sync_bank=True,
-            init_probs="inverse_frequency",
-            instance_counts=lambda: TOY_COUNTS,
-            epoch_iters=lambda: 100,
-        ),
+        fasa=FASA(C, D, **fasa_args),
     )
 
 
