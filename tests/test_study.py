@@ -341,9 +341,8 @@ class TestChangedSinceStart(unittest.TestCase):
         records = self.load_tool("study_records")
         ls = self.load_tool("longtail_study")
         path = os.path.join(ROOT, "configs", "study", "mask_rcnn_R_18_FPN_ce_study.yaml")
-        commit, dirty = records.code_commit()
         study = types.SimpleNamespace(
-            code_commit=commit + ("+dirty" if dirty else ""),
+            code_commit=records.code_commit()[0],
             config_sha1={"ce": records.config_sha1(path)},
         )
         run = types.SimpleNamespace(name="ce", config_file=path)

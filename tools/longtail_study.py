@@ -368,8 +368,7 @@ class Study:
                 "the model code (" + ", ".join(MODEL_CODE_PATHS) + ") has uncommitted changes; "
                 "commit them first: a committed record names the commit its run was trained with"
             )
-        # A dirty tree's runs get a key no committed record has.
-        self.code_commit = commit + ("+dirty" if dirty else "")
+        self.code_commit = commit
         self.train_identity = dataset_identity(train_dataset)
         self.commit_records = args.commit_records
         # Seed-major: a study stopped part-way has whole seeds of the matrix.
@@ -405,8 +404,7 @@ class Study:
     def changed_since_start(self, run):
         """What of a run's key changed on disk since the command started ("" if nothing): runs
         are subprocesses that read the model code and config files when they start."""
-        commit, dirty = code_commit()
-        if commit + ("+dirty" if dirty else "") != self.code_commit:
+        if code_commit()[0] != self.code_commit:
             return "the model code (" + ", ".join(MODEL_CODE_PATHS) + ")"
         if config_sha1(run.config_file) != self.config_sha1[run.name]:
             return f"its config ({os.path.relpath(run.config_file, ROOT)})"

@@ -44,13 +44,14 @@ def _git(*args):
 
 
 def code_commit():
-    """(commit, dirty): the last commit that touched the model code, and whether the working
-    tree changes it now. ("unknown", False) outside a git checkout."""
+    """(key, dirty): the last commit that touched the model code, with "+dirty" appended when
+    the working tree changes that code now (a key no committed record has), and whether it
+    does. ("unknown", False) outside a git checkout."""
     commit = _git("log", "-1", "--format=%H", "--", *_PATHSPEC)
     if not commit:
         return "unknown", False
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", *_PATHSPEC)
-    return commit, bool(status)
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", *_PATHSPEC))
+    return commit + ("+dirty" if dirty else ""), dirty
 
 
 def head_commit():

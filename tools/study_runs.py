@@ -148,6 +148,7 @@ class Run:
             entry["rare_classes_with_ap"] = rare_classes_with_ap(os.path.dirname(path))
             metrics[ds] = entry
         train_s, eval_s = self.wall_times()
+        passes = fasa_passes(self.dir)
         attempts = self.attempts()["attempts"]
         threads = {a.get("threads") for a in attempts if a.get("returncode") == 0}
         return OrderedDict(
@@ -166,7 +167,7 @@ class Run:
                 threads=sorted(t for t in threads if t) or None,
                 finished=datetime.datetime.now().isoformat(timespec="seconds"),
             ),
-            fasa=OrderedDict(passes=fasa_passes(self.dir)) if fasa_passes(self.dir) else None,
+            fasa=OrderedDict(passes=passes) if passes else None,
             command=self.command("train")[1:],
         )
 
