@@ -26,6 +26,7 @@ from fasa_seesaw.config import merge_config
 from fasa_seesaw.data import DATASET_ARG_HELP, register_dataset_args
 from fasa_seesaw.engine import Trainer, check_config, check_output_dir, check_test_datasets
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
+from fasa_seesaw.engine.settings import check_settings
 from fasa_seesaw.evaluation.report import print_summary
 
 
@@ -34,6 +35,7 @@ def setup(args):
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
+    check_settings(cfg)  # before the held-out carve reads its fraction and seed
     configure_fasa_heldout(cfg)
     cfg.freeze()
     return cfg

@@ -1,26 +1,25 @@
 # Copyright (c) fasa_seesaw contributors.
-"""Pre-flight checks that turn common mistakes into one clear message before any model is built."""
+"""
+Pre-flight checks that turn common mistakes into one clear message before any model is built:
+every project key against its domain (:mod:`.settings`), then the keys that must agree.
+"""
 
 import os
 
 from detectron2.data import MetadataCatalog
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
-from ..errors import ConfigError, check_choice, check_range
+from ..errors import ConfigError
 from ..modeling.cls_losses import resolve_cls_loss
-from ..modeling.fasa_feature_bank import check_bank_settings
-from ..modeling.fasa_sampling import INIT_PROBS
-from ..modeling.seesaw_loss import check_seesaw_params
+from .settings import check_settings
 
 __all__ = ["check_config", "check_output_dir", "check_test_datasets"]
 
 
 def check_config(cfg):
     """Raise ConfigError naming the problem and the fix; returns None when all is well."""
+    check_settings(cfg)
     check_model(cfg)
-    if cfg.MODEL.FASA.ENABLED:
-        check_fasa(cfg.MODEL.FASA)
-    check_eval(cfg.TEST.LVIS)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
         check_num_classes(cfg)
 
@@ -49,63 +48,12 @@ def check_model(cfg):
         if extras:
             raise project_predictor_error(extras, f"MODEL.ROI_HEADS.NAME is {head!r}")
         return
-    if resolve_cls_loss(cfg) == "seesaw":
-        check_seesaw_params(cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS)
+    resolve_cls_loss(cfg)  # CLS_LOSS against USE_SIGMOID_CE / USE_FED_LOSS
     if cfg.MODEL.FASA.ENABLED and cfg.MODEL.ROI_BOX_HEAD.NUM_FC < 1:
         raise ConfigError(
             "FASA models the box head's last fully-connected feature, but "
             "MODEL.ROI_BOX_HEAD.NUM_FC is 0 (the head outputs a conv map). Set NUM_FC >= 1, "
             "or MODEL.FASA.ENABLED False."
-        )
-
-
-def check_eval(e):
-    """TEST.LVIS, checked before training rather than at the first evaluation."""
-    from ..evaluation.lvis_engines import ENGINES
-    from ..evaluation.report import EXTRAS
-
-    check_choice("TEST.LVIS.ENGINE", e.ENGINE, ENGINES)
-    bad = [x for x in e.EXTRAS if x not in EXTRAS]
-    if bad:
-        raise ConfigError(f"TEST.LVIS.EXTRAS has unknown {bad}: choose from {list(EXTRAS)}.")
-    if e.FIXED_K <= 0:
-        raise ConfigError(f"TEST.LVIS.FIXED_K must be positive, got {e.FIXED_K}.")
-    if 0 < e.TOPK_PER_CLASS < e.FIXED_K:
-        raise ConfigError(
-            f"TEST.LVIS.TOPK_PER_CLASS ({e.TOPK_PER_CLASS}) is below FIXED_K ({e.FIXED_K}): "
-            "every class would count as having fewer than K; make them equal."
-        )
-    if e.TOPK_MAX_PER_IMAGE == 0 or e.TOPK_MAX_PER_IMAGE < -1:
-        raise ConfigError("TEST.LVIS.TOPK_MAX_PER_IMAGE must be positive or -1 (no cap).")
-
-
-def check_fasa(c):
-    """MODEL.FASA, with the validators the modules themselves use."""
-    from .fasa_hook import check_adapt_settings
-
-    check_bank_settings(c.BANK_MODE, c.BANK_MOMENTUM, c.BANK_VARIANCE)
-    check_choice("MODEL.FASA.INIT_PROBS", c.INIT_PROBS, INIT_PROBS)
-    if c.SAMPLES_PER_CLASS < 1:
-        raise ConfigError(f"MODEL.FASA.SAMPLES_PER_CLASS must be >= 1, got {c.SAMPLES_PER_CLASS}.")
-    if c.LOSS_WEIGHT < 0:
-        raise ConfigError(f"MODEL.FASA.LOSS_WEIGHT must be >= 0, got {c.LOSS_WEIGHT}.")
-    a = c.ADAPT
-    check_adapt_settings(a.CLUSTERING, a.GROUP_SIGNAL)
-    check_choice("MODEL.FASA.ADAPT.SIGNAL", a.SIGNAL, ("loss", "metric"))
-    if a.BANDWIDTH < 0 or (a.BANDWIDTH == 0 and not 0.0 < a.BANDWIDTH_QUANTILE <= 1.0):
-        raise ConfigError(
-            "MODEL.FASA.ADAPT.BANDWIDTH must be > 0 (fixed) or 0 with BANDWIDTH_QUANTILE in "
-            f"(0, 1]; got {a.BANDWIDTH} and {a.BANDWIDTH_QUANTILE}."
-        )
-    check_range("MODEL.FASA.ADAPT.AFFINITY_DAMPING", a.AFFINITY_DAMPING, 0.5, 1.0, high_open=True)
-    if not a.HELDOUT_DATASET:
-        check_range(
-            "MODEL.FASA.ADAPT.HELDOUT_FRACTION",
-            a.HELDOUT_FRACTION,
-            0.0,
-            1.0,
-            low_open=True,
-            high_open=True,
         )
 
 
