@@ -197,5 +197,6 @@ class TestFASAPredictor(unittest.TestCase):
         cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
         check_config(cfg)  # each key's own domain: tests/test_settings.py
 
+
 if __name__ == "__main__":
     unittest.main()

@@ -54,7 +54,9 @@ CASES = {
     "MODEL.FASA.ADAPT.UP_FACTOR": ([-1.0, 0.5, 1.0, NAN], [1.1, 2.0]),
     "MODEL.FASA.ADAPT.DOWN_FACTOR": ([2.0, 1.0, 0.0, -0.9, NAN], [0.9, 0.5]),
     "TEST.LVIS.ENGINE": (["fast", "coco"], ["hotcoco", "lvis"]),
-    "TEST.LVIS.EXTRAS": ([["fixed", "tidy"], ["tide", "tide"], "tide"], [[], ["tide"], ("fixed", "pool")]),
+    "TEST.LVIS.EXTRAS": (
+        [["fixed", "tidy"], ["tide", "tide"], "tide"], [[], ["tide"], ("fixed", "pool")]
+    ),
     "TEST.LVIS.FIXED_K": ([0, -10000], [1, 10000]),
     "TEST.LVIS.TOPK_PER_CLASS": ([-1, 5.0], [0, 10000]),
     "TEST.LVIS.TOPK_MAX_PER_IMAGE": ([0, -2], [-1, 1, 1000]),
