@@ -15,7 +15,6 @@ import sys
 import time
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -25,6 +24,7 @@ from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.config import merge_config
 from fasa_seesaw.data import DATASET_ARG_HELP, register_dataset_args
 from fasa_seesaw.engine import Trainer, check_config, check_output_dir, check_test_datasets
+from fasa_seesaw.engine.checkpoint import check_resume_files, load_for_eval
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 from fasa_seesaw.engine.settings import check_settings
 from fasa_seesaw.evaluation.report import print_summary
@@ -49,9 +49,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_for_eval(model, cfg.MODEL.WEIGHTS, allow_untrained=args.eval_untrained)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -94,6 +92,11 @@ def argument_parser():
         metavar="NAME=JSON:IMAGE_ROOT",
         help=DATASET_ARG_HELP,
     )
+    parser.add_argument(
+        "--eval-untrained",
+        action="store_true",
+        help="with --eval-only and an empty MODEL.WEIGHTS: evaluate the untrained model",
+    )
     return parser
 
 
@@ -102,6 +105,9 @@ if __name__ == "__main__":
     try:
         cfg = preflight(args)
         if args.eval_only:
+            last = check_resume_files(cfg.OUTPUT_DIR, clean=False) if args.resume else None
+            if last:  # --resume: the checkpoint the training folder's last_checkpoint names
+                args.opts += ["MODEL.WEIGHTS", last]
             # A fresh folder per evaluation, chosen once here for every process: earlier
             # results and the training run's config.yaml are never overwritten.
             stamp = time.strftime("%Y%m%d-%H%M%S")

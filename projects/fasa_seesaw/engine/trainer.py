@@ -5,6 +5,7 @@ top-K-per-class inference, a training data stream that resumes where it stopped,
 project's hooks (FASA adaptation, gradient statistics, random-state checkpoints, progress).
 """
 
+import logging
 import os
 from collections import OrderedDict
 import torch
@@ -21,11 +22,14 @@ from ..data.heldout import base_dataset
 from ..data.resumable import resumable_training_dataset
 from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
 from ..evaluation.topk_inference import per_class_score_floor
+from .checkpoint import CrashSafeCheckpointer, check_resume_files, final_iteration
 from .fasa_hook import FASAAdaptationHook
 from .grad_stats import build_grad_stats_hook
 from .hooks import ProgressHook, RNGStateHook
 
 __all__ = ["Trainer"]
+
+logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
@@ -87,12 +91,38 @@ class Trainer(DefaultTrainer):
         return loader
 
     def resume_or_load(self, resume=True):
+        if resume:
+            check_resume_files(self.cfg.OUTPUT_DIR, clean=comm.is_main_process())
+        resumed = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
+        shapes = getattr(self.checkpointer.incompatible, "incorrect_shapes", None)
+        if not resumed and shapes:
+            logger.info(
+                "Fine-tuning from MODEL.WEIGHTS: %d tensors of another shape (%s) start from "
+                "their initialisation, as detectron2 does when the classes differ; --eval-only "
+                "refuses such weights.",
+                len(shapes),
+                ", ".join(s[0] for s in shapes[:4]) + (", ..." if len(shapes) > 4 else ""),
+            )
+        if resumed and self.start_iter >= self.max_iter:
+            self._complete_final_checkpoint()
         positions = getattr(self.data_loader, "data_positions", None)
         if positions is not None:
             positions.start = self.start_iter * (
                 self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
             )
+
+    def _complete_final_checkpoint(self):
+        """
+        A run that stopped while writing model_final.pth resumes at MAX_ITER from the periodic
+        checkpoint of the last iteration, which holds the same state: write model_final.pth
+        again from it unless a complete one of that iteration is there.
+        """
+        path = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if final_iteration(path) == self.iter or not self.checkpointer.save_to_disk:
+            return
+        logger.info("model_final.pth is missing or older than iteration %d: writing it.", self.iter)
+        self.checkpointer.save("model_final")
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -100,6 +130,8 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name)
 
     def build_hooks(self):
+        # Atomic checkpoint files: swapped in before detectron2's hooks take the checkpointer.
+        self.checkpointer = CrashSafeCheckpointer.replacing(self.checkpointer)
         hooks = super().build_hooks()
         cfg = self.cfg
         # Stateful hooks run before the checkpointer, so checkpoints hold their state.
