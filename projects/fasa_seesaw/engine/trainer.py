@@ -5,6 +5,7 @@ top-K-per-class inference, a training data stream that resumes where it stopped,
 project's hooks (FASA adaptation, gradient statistics, random-state checkpoints, progress).
 """
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        with _ddp_on_the_model_device():
+            super().__init__(cfg)
+
     @property
     def last_eval_results(self):
         """The results of the last evaluation during training (None if there was none)."""
@@ -151,12 +156,36 @@ class Trainer(DefaultTrainer):
         grad_stats = build_grad_stats_hook(cfg)
         if grad_stats is not None:
             hooks.insert(_checkpointer_index(hooks), grad_stats)
-        hooks.insert(_checkpointer_index(hooks), RNGStateHook())
+        rng = RNGStateHook(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER)
+        hooks.insert(_checkpointer_index(hooks), rng)
         period = cfg.FASA_SEESAW.PROGRESS_PERIOD
         if period > 0:
             # Before the writer, which is the last hook.
             hooks.insert(len(hooks) - 1, ProgressHook(period, cfg.SOLVER.MAX_ITER))
         return hooks
+
+
+@contextlib.contextmanager
+def _ddp_on_the_model_device():
+    """
+    detectron2's DefaultTrainer wraps the model with create_ddp_model, which hands
+    DistributedDataParallel the process's GPU (device_ids); a model on the CPU (gloo) needs
+    device_ids None. The wrapper is swapped for the trainer's constructor only.
+    """
+    import detectron2.engine.defaults as defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
 
 
 def _checkpointer_index(hooks):
