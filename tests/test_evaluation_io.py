@@ -1,8 +1,7 @@
 # Copyright (c) fasa_seesaw contributors.
 """
 The evaluation layer's inputs and outputs: one-line errors for bad results and ground truth
-(also from tools/evaluate_lvis.py, which never overwrites), the TEST.LVIS checks, and the
-per-category CSV.
+(also from tools/evaluate_lvis.py, which never overwrites) and the per-category CSV.
 """
 
 import copy
@@ -55,6 +54,28 @@ class TestBadInput(unittest.TestCase):
         no_freq = copy.deepcopy(self.gt)
         del no_freq["categories"][0]["frequency"]
         self.check(self.dets, "bbox", "frequency", gt=no_freq, exc=ValueError)
+
+    def test_malformed_fields_are_named(self):
+        for field, value, words in (
+            ("score", "0.9", "score '0.9' is not a number"),
+            ("score", None, "score None is not a number"),
+            ("bbox", [1.0, 2.0, 3.0], "bbox [1.0, 2.0, 3.0] is not 4 numbers"),
+            ("bbox", [1.0, 2.0, "3", 4.0], "is not 4 numbers"),
+            ("image_id", "1", "image_id '1' is not an integer"),
+        ):
+            with self.subTest(field=field, value=value):
+                d = copy.deepcopy(self.dets)
+                d[1][field] = value
+                self.check(d, "bbox", "1 of", "malformed", "index 1", words)
+
+    def test_ground_truth_without_the_federated_lists_is_refused(self):
+        # As train_net.py refuses it: evaluating missing lists as empty ones counts every
+        # detection of a category absent from an image as a false positive.
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            with self.subTest(key=key):
+                gt = copy.deepcopy(self.gt)
+                del gt["images"][0][key]
+                self.check(self.dets, "bbox", "1 images lack", "add_frequency", gt=gt)
 
     @pytest.mark.slow  # subprocesses
     def test_command_line(self):
