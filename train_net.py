@@ -23,10 +23,18 @@ from detectron2.utils.logger import setup_logger
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.config import merge_config
 from fasa_seesaw.data import DATASET_ARG_HELP, register_dataset_args
-from fasa_seesaw.engine import Trainer, check_config, check_output_dir, check_test_datasets
+from fasa_seesaw.data.check import check_data
+from fasa_seesaw.engine import (
+    Trainer,
+    check_config,
+    check_datasets,
+    check_output_dir,
+    check_test_datasets,
+)
 from fasa_seesaw.engine.checkpoint import check_resume_files, load_for_eval
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 from fasa_seesaw.engine.settings import check_settings
+from fasa_seesaw.errors import user_message
 from fasa_seesaw.evaluation.report import print_summary
 
 
@@ -77,8 +85,10 @@ def preflight(args):
             hint = " Floating-point keys need a decimal point (e.g. MODEL.SEESAW.Q 0.0)."
         raise ConfigError(f"the config could not be applied: {e}.{hint}") from None
     check_config(cfg)
-    check_test_datasets(cfg)
-    if not args.eval_only:
+    if args.eval_only:
+        check_test_datasets(cfg)
+    else:
+        check_datasets(cfg)
         check_output_dir(cfg, resume=args.resume)
     return cfg
 
@@ -93,6 +103,11 @@ def argument_parser():
         help=DATASET_ARG_HELP,
     )
     parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="open and decode every image of DATASETS.TRAIN and DATASETS.TEST, report, and exit",
+    )
+    parser.add_argument(
         "--eval-untrained",
         action="store_true",
         help="with --eval-only and an empty MODEL.WEIGHTS: evaluate the untrained model",
@@ -104,6 +119,8 @@ if __name__ == "__main__":
     args = argument_parser().parse_args()
     try:
         cfg = preflight(args)
+        if args.check_data:
+            sys.exit(check_data(cfg))
         if args.eval_only:
             last = check_resume_files(cfg.OUTPUT_DIR, clean=False) if args.resume else None
             if last:  # --resume: the checkpoint the training folder's last_checkpoint names
@@ -121,4 +138,4 @@ if __name__ == "__main__":
             args=(args,),
         )
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {user_message(e)}")

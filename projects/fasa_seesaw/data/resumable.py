@@ -20,11 +20,14 @@ images of both orientations, the half-filled groups at the stop are not replayed
 
 import contextlib
 import numpy as np
+import os
 import random
 from torch.utils import data as torchdata
 
 from detectron2.data.common import DatasetFromList, ToIterableDataset
 from detectron2.utils import comm
+
+from ..errors import DataError
 
 __all__ = ["PositionedSampler", "PositionedMapDataset", "resumable_training_dataset"]
 
@@ -57,11 +60,12 @@ def _seeded(seed: int):
 class PositionedMapDataset(torchdata.Dataset):
     """Maps (position, index) to ``mapper(dicts[index])`` under RNGs seeded by the position."""
 
-    def __init__(self, dataset_dicts, mapper, seed: int, rank: int):
+    def __init__(self, dataset_dicts, mapper, seed: int, rank: int, names=()):
         self._dicts = DatasetFromList(dataset_dicts, copy=True)
         self._mapper = mapper
         self._seed = int(seed) % (2**31)
         self._rank = rank
+        self._names = tuple(names)
 
     def __len__(self):
         return len(self._dicts)
@@ -74,7 +78,11 @@ class PositionedMapDataset(torchdata.Dataset):
         for attempt in range(8):
             # Integer tuples hash deterministically (no PYTHONHASHSEED dependence).
             with _seeded(self._sample_seed(position, attempt)):
-                out = self._mapper(self._dicts[index])
+                d = self._dicts[index]
+                try:
+                    out = self._mapper(d)
+                except OSError as e:  # missing, unreadable or corrupt image file
+                    raise unreadable_image_error(self._dicts, d, e, self._names) from None
             if out is not None:
                 return out
             # The mapper rejected the sample (e.g. no annotation left): a deterministic substitute.
@@ -82,9 +90,24 @@ class PositionedMapDataset(torchdata.Dataset):
         raise RuntimeError(f"The data mapper rejected 8 samples in a row near index {index}.")
 
 
-def resumable_training_dataset(dataset_dicts, mapper, sampler, seed: int):
+def unreadable_image_error(dicts, d: dict, error: OSError, names=()) -> DataError:
+    """One message for an image file that training could not read, with the number of the
+    dataset's files that are missing (a cheap check of every path)."""
+    missing = sum(1 for x in dicts if not os.path.isfile(x["file_name"]))
+    where = f"DATASETS.TRAIN {tuple(names)}" if names else "the training data"
+    why = (str(error).splitlines() or [type(error).__name__])[0]
+    return DataError(
+        f"training image '{d['file_name']}' could not be read ({why}). In {where}, {missing} of "
+        f"{len(dicts)} image files are missing. Check the image root (--dataset "
+        "NAME=JSON:IMAGE_ROOT, or $DETECTRON2_DATASETS for detectron2's datasets); "
+        "`python train_net.py --config-file CONFIG --check-data` lists every bad file."
+    )
+
+
+def resumable_training_dataset(dataset_dicts, mapper, sampler, seed: int, names=()):
     """The iterable dataset for ``build_detection_train_loader`` (with ``sampler=None``), and the
-    PositionedSampler whose ``start`` the trainer sets when it resumes."""
+    PositionedSampler whose ``start`` the trainer sets when it resumes. ``names``: the datasets,
+    for error messages."""
     positioned = PositionedSampler(sampler)
-    dataset = PositionedMapDataset(dataset_dicts, mapper, seed, comm.get_rank())
+    dataset = PositionedMapDataset(dataset_dicts, mapper, seed, comm.get_rank(), names)
     return ToIterableDataset(dataset, positioned, shard_chunk_size=1), positioned

@@ -4,16 +4,21 @@ Pre-flight checks that turn common mistakes into one clear message before any mo
 every project key against its domain (:mod:`.settings`), then the keys that must agree.
 """
 
+import logging
 import os
+import tempfile
+import time
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
 from ..errors import ConfigError
 from ..modeling.cls_losses import resolve_cls_loss
 from .settings import check_settings
 
-__all__ = ["check_config", "check_output_dir", "check_test_datasets"]
+__all__ = ["check_config", "check_datasets", "check_output_dir", "check_test_datasets"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_config(cfg):
@@ -69,6 +74,33 @@ def check_num_classes(cfg):
             )
 
 
+def check_datasets(cfg):
+    """Every dataset the config names is registered and its json exists (or is generated)."""
+    from ..data.datasets import BUILTIN_DATASETS
+    from ..data.heldout import base_dataset
+
+    for key, names in (
+        ("DATASETS.TRAIN", cfg.DATASETS.TRAIN),
+        ("DATASETS.TEST", cfg.DATASETS.TEST),
+    ):
+        for name in names:
+            if name not in DatasetCatalog.list():
+                raise ConfigError(
+                    f"{key} names '{name}', which is not a registered dataset. Register an "
+                    "LVIS-format json with --dataset NAME=JSON:IMAGE_ROOT, or use a built-in one "
+                    f"(e.g. {', '.join(sorted(BUILTIN_DATASETS)[:3])}, lvis_v1_train)."
+                )
+            json_file = MetadataCatalog.get(name).get("json_file", None)
+            generated = base_dataset(name) in BUILTIN_DATASETS  # written on first use
+            if json_file and not generated and not os.path.isfile(json_file):
+                raise ConfigError(
+                    f"{key}: the json of dataset '{name}', {json_file}, does not exist. For "
+                    "detectron2's datasets set $DETECTRON2_DATASETS to the folder that holds them "
+                    "(see detectron2's datasets/README.md); else register the json with --dataset."
+                )
+    check_test_datasets(cfg)
+
+
 def check_test_datasets(cfg):
     """LVIS evaluation needs an LVIS-format json with frequency fields: check before training."""
     from ..data.datasets import validate_lvis_json
@@ -88,17 +120,49 @@ def check_test_datasets(cfg):
 
 
 def check_output_dir(cfg, *, resume: bool):
-    """Refuse to train over someone's checkpoints unless asked to resume them."""
-    if resume:
+    """
+    OUTPUT_DIR is a writable folder; training refuses to overwrite someone's checkpoints unless
+    asked to resume them, and the records of an earlier run that never wrote a checkpoint are
+    set aside (renamed), so the new run's records are not appended to them.
+    """
+    out = cfg.OUTPUT_DIR
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"OUTPUT_DIR '{out}' is a file, not a folder; choose another OUTPUT_DIR.")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"OUTPUT_DIR '{out}' cannot be written ({e.strerror or e}); choose another OUTPUT_DIR "
+            "(e.g. append `OUTPUT_DIR output/new_run` to the command)."
+        ) from None
+    if resume and os.path.exists(os.path.join(out, "last_checkpoint")):
         return
     existing = [
-        f
-        for f in ("model_final.pth", "last_checkpoint")
-        if os.path.exists(os.path.join(cfg.OUTPUT_DIR, f))
+        f for f in ("model_final.pth", "last_checkpoint") if os.path.exists(os.path.join(out, f))
     ]
     if existing:
         raise ConfigError(
-            f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds {', '.join(existing)} from an earlier "
+            f"OUTPUT_DIR '{out}' already holds {', '.join(existing)} from an earlier "
             "run. Pass --resume to continue that run, or choose another OUTPUT_DIR "
             "(e.g. append `OUTPUT_DIR output/new_run` to the command); nothing was overwritten."
         )
+    set_aside_records(out)
+
+
+# Files detectron2 and the project append to during training.
+RUN_RECORDS = ("metrics.json", "fasa_adaptation.jsonl")
+
+
+def set_aside_records(out: str) -> None:
+    """Rename the appended-to records of an earlier run in ``out`` (``metrics.json`` becomes
+    ``metrics.earlier-<date-time>.json``), so a run that starts from iteration 0 writes its own."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in RUN_RECORDS:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            stem, ext = os.path.splitext(name)
+            new = os.path.join(out, f"{stem}.earlier-{stamp}{ext}")
+            os.replace(path, new)
+            logger.warning("%s holds an earlier run's records: renamed %s.", path, new)

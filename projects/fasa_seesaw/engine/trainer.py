@@ -21,6 +21,7 @@ from ..data import prepare_datasets
 from ..data.counts import epoch_iterations
 from ..data.heldout import base_dataset
 from ..data.resumable import resumable_training_dataset
+from ..errors import ConfigError
 from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
 from ..evaluation.topk_inference import per_class_score_floor
 from .checkpoint import CrashSafeCheckpointer, check_resume_files, final_iteration
@@ -79,7 +80,11 @@ class Trainer(DefaultTrainer):
         # the data stream exactly where the run stopped (fasa_seesaw.data.resumable).
         args = build_detection_train_loader.from_config(cfg)
         dataset, positions = resumable_training_dataset(
-            args["dataset"], args["mapper"], args["sampler"], seed=cfg.SEED
+            args["dataset"],
+            args["mapper"],
+            args["sampler"],
+            seed=cfg.SEED,
+            names=cfg.DATASETS.TRAIN,
         )
         loader = build_detection_train_loader(
             dataset=dataset,
@@ -94,6 +99,10 @@ class Trainer(DefaultTrainer):
         )
         loader.data_positions = positions
         return loader
+
+    def train(self):
+        with _no_traceback_for(ConfigError):
+            return super().train()
 
     def resume_or_load(self, resume=True):
         if resume:
@@ -163,6 +172,31 @@ class Trainer(DefaultTrainer):
             # Before the writer, which is the last hook.
             hooks.insert(len(hooks) - 1, ProgressHook(period, cfg.SOLVER.MAX_ITER))
         return hooks
+
+
+class _DropTraceback(logging.Filter):
+    def __init__(self, kinds):
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record):
+        return not (record.exc_info and issubclass(record.exc_info[0], self.kinds))
+
+
+@contextlib.contextmanager
+def _no_traceback_for(*kinds):
+    """
+    detectron2's training loop logs every exception with its traceback before re-raising it; a
+    ConfigError (a bad file or setting, found during training) is reported once, as one message,
+    by train_net.py instead.
+    """
+    log = logging.getLogger("detectron2.engine.train_loop")
+    f = _DropTraceback(kinds)
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
 
 
 @contextlib.contextmanager
