@@ -13,15 +13,19 @@ Here the k-th sample of a process's stream is a pure function of (seed, rank, k)
 - data-loader workers take positions round-robin (chunks of one), which the loader yields back
   in order, so the stream order does not depend on the number of workers.
 
-Resuming at iteration i then starts at position i * (images per process). This is exact when
-every batch takes the next images of the stream: with ``DATALOADER.ASPECT_RATIO_GROUPING`` and
-images of both orientations, the half-filled groups at the stop are not replayed.
+Resuming at iteration i then starts at position i * (images per process). With
+``DATALOADER.ASPECT_RATIO_GROUPING`` and images of both orientations, the groups are replayed
+from the images' sizes in the json (:meth:`PositionedSampler.resume_at_batch`), so the images
+that sat in half-filled groups at the stop come first again. This is exact as long as the mapper
+accepts every image it is given (detectron2's DatasetMapper does; a mapper that rejects one gets
+a deterministic substitute whose orientation the replay does not see).
 """
 
 import contextlib
 import numpy as np
 import os
 import random
+from typing import Optional, Sequence
 from torch.utils import data as torchdata
 
 from detectron2.data.common import DatasetFromList, ToIterableDataset
@@ -33,16 +37,45 @@ __all__ = ["PositionedSampler", "PositionedMapDataset", "resumable_training_data
 
 
 class PositionedSampler(torchdata.Sampler):
-    """Yields (position, index) from a detectron2 training sampler, from position ``start`` on."""
+    """
+    Yields (position, index) from a detectron2 training sampler, from position ``start`` on,
+    after the earlier positions in ``prefix`` (the images that sat in half-filled aspect-ratio
+    groups when the run stopped).
+    """
 
     def __init__(self, sampler):
         self.sampler = sampler
         self.start = 0
+        self.prefix = ()
 
     def __iter__(self):
+        pending = frozenset(self.prefix)
         for position, index in enumerate(self.sampler):
-            if position >= self.start:
+            if position >= self.start or position in pending:
                 yield position, index
+
+    def resume_at_batch(self, batches: int, batch_size: int, wide: Optional[Sequence[bool]] = None):
+        """
+        Continue the stream after ``batches`` batches of ``batch_size`` images. Without ``wide``
+        every batch took the next images. With ``wide`` (per dataset index: width > height), the
+        batches were formed as detectron2's AspectRatioGroupedDataset forms them, one group per
+        orientation: the grouping is replayed from the image indices alone (no image is loaded),
+        and the images left in half-filled groups are delivered again first, in their order, so
+        that the groups fill as they would have.
+        """
+        self.start, self.prefix = batches * batch_size, ()
+        if wide is None or batches == 0:
+            return
+        groups, done = ([], []), 0
+        for position, index in enumerate(self.sampler):
+            group = groups[0 if wide[index] else 1]
+            group.append(position)
+            if len(group) == batch_size:
+                del group[:]
+                done += 1
+                if done == batches:
+                    self.start, self.prefix = position + 1, tuple(sorted(groups[0] + groups[1]))
+                    return
 
 
 @contextlib.contextmanager

@@ -98,6 +98,8 @@ class Trainer(DefaultTrainer):
             seed=cfg.SEED if cfg.SEED >= 0 else 0,
         )
         loader.data_positions = positions
+        if cfg.DATALOADER.ASPECT_RATIO_GROUPING:  # the orientations a resume replays groups from
+            loader.data_wide = [d["width"] > d["height"] for d in args["dataset"]]
         return loader
 
     def train(self):
@@ -122,9 +124,9 @@ class Trainer(DefaultTrainer):
             self._complete_final_checkpoint()
         positions = getattr(self.data_loader, "data_positions", None)
         if positions is not None:
-            positions.start = self.start_iter * (
-                self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-            )
+            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            wide = getattr(self.data_loader, "data_wide", None)
+            positions.resume_at_batch(self.start_iter, per_process, wide)
 
     def _complete_final_checkpoint(self):
         """
