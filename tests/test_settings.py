@@ -121,6 +121,12 @@ class TestSettings(unittest.TestCase):
             "MODEL.FASA.BANK_MODE is 'median'; it must be one of ['ema', 'exact'].",
         )
 
+    def test_an_lr_step_at_max_iter(self):
+        cfg = _cfg()
+        cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 6, (4, 6)
+        with self.assertRaisesRegex(ConfigError, r"SOLVER.STEPS \(4, 6\) has a step at"):
+            check_config(cfg)
+
     def test_keys_that_must_agree(self):
         cfg = _cfg()
         cfg.TEST.LVIS.TOPK_PER_CLASS = 10  # below FIXED_K 10000

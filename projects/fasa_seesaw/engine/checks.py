@@ -24,9 +24,20 @@ logger = logging.getLogger(__name__)
 def check_config(cfg):
     """Raise ConfigError naming the problem and the fix; returns None when all is well."""
     check_settings(cfg)
+    check_schedule(cfg.SOLVER)
     check_model(cfg)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
         check_num_classes(cfg)
+
+
+def check_schedule(solver):
+    """An LR step at MAX_ITER passes detectron2's filter (it drops steps beyond MAX_ITER) and
+    then fails deep inside fvcore's scheduler."""
+    if solver.MAX_ITER in tuple(solver.STEPS):
+        raise ConfigError(
+            f"SOLVER.STEPS {tuple(solver.STEPS)} has a step at SOLVER.MAX_ITER {solver.MAX_ITER}, "
+            "where training ends: move it below MAX_ITER or remove it."
+        )
 
 
 def check_model(cfg):
