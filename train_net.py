@@ -24,17 +24,11 @@ from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.config import merge_config
 from fasa_seesaw.data import DATASET_ARG_HELP, register_dataset_args
 from fasa_seesaw.data.check import check_data
-from fasa_seesaw.engine import (
-    Trainer,
-    check_config,
-    check_datasets,
-    check_output_dir,
-    check_test_datasets,
-)
-from fasa_seesaw.engine.checkpoint import check_resume_files, load_for_eval
+from fasa_seesaw.engine import Trainer, check_config, check_datasets, check_output_dir
+from fasa_seesaw.engine.checkpoint import check_resume_files, check_weights_file, load_for_eval
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
 from fasa_seesaw.engine.settings import check_settings
-from fasa_seesaw.errors import user_message
+from fasa_seesaw.errors import is_project_error, user_message
 from fasa_seesaw.evaluation.report import print_summary
 
 
@@ -86,10 +80,13 @@ def preflight(args):
         raise ConfigError(f"the config could not be applied: {e}.{hint}") from None
     check_config(cfg)
     if args.eval_only:
-        check_test_datasets(cfg)
-    else:
-        check_datasets(cfg)
+        check_datasets(cfg, train=False)
+        return cfg
+    check_datasets(cfg)
+    if not args.check_data:
         check_output_dir(cfg, resume=args.resume)
+        if args.resume:
+            check_resume_files(cfg.OUTPUT_DIR, clean=False)
     return cfg
 
 
@@ -124,7 +121,9 @@ if __name__ == "__main__":
         if args.eval_only:
             last = check_resume_files(cfg.OUTPUT_DIR, clean=False) if args.resume else None
             if last:  # --resume: the checkpoint the training folder's last_checkpoint names
+                print(f"--eval-only --resume: evaluating {last} (OUTPUT_DIR/last_checkpoint)")
                 args.opts += ["MODEL.WEIGHTS", last]
+            check_weights_file(last or cfg.MODEL.WEIGHTS, allow_untrained=args.eval_untrained)
             # A fresh folder per evaluation, chosen once here for every process: earlier
             # results and the training run's config.yaml are never overwritten.
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -137,5 +136,7 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    except ConfigError as e:
+    except Exception as e:  # noqa: B902 (a project error from any process is one message)
+        if not is_project_error(e):
+            raise
         sys.exit(f"error: {user_message(e)}")

@@ -7,7 +7,8 @@ POINT is where the kill lands while FILE (a basename in OUTPUT_DIR) is written:
   mid_write      half of the file's bytes are on disk
   before_rename  the file is complete under its temporary name
   after_rename   the file is in place; last_checkpoint does not name it yet
-FILE "last_checkpoint" with mid_write: half of the new last_checkpoint is on disk.
+FILE "last_checkpoint" with mid_write: half of the new last_checkpoint is on disk. FILE@n: the
+n-th write of FILE (default: the first).
 """
 
 import io
@@ -29,11 +30,16 @@ def die():
 
 def main():
     point, target = sys.argv[1], sys.argv[2]
+    target, nth = (target.split("@") + ["1"])[:2]
     assert sys.argv[3] == "--"
     real_atomic_write, real_replace = checkpoint.atomic_write, os.replace
+    writes = [0]
 
     def atomic_write(path, write):
         if os.path.basename(path) != target:
+            return real_atomic_write(path, write)
+        writes[0] += 1
+        if writes[0] != int(nth):
             return real_atomic_write(path, write)
         if point == "mid_write":
 
@@ -50,10 +56,11 @@ def main():
         return real_atomic_write(path, write)
 
     def replace(src, dst):
-        if os.path.basename(dst) == target and point == "before_rename":
+        hit = os.path.basename(dst) == target and writes[0] == int(nth)
+        if hit and point == "before_rename":
             die()
         real_replace(src, dst)
-        if os.path.basename(dst) == target and point == "after_rename":
+        if hit and point == "after_rename":
             die()
 
     checkpoint.atomic_write = atomic_write

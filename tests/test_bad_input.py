@@ -15,9 +15,10 @@ import sys
 import tempfile
 import unittest
 import pytest
+from PIL import Image
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.data.check import check_image_files
@@ -25,7 +26,7 @@ from fasa_seesaw.data.datasets import register_lvis_json_dataset
 from fasa_seesaw.data.resumable import PositionedMapDataset
 from fasa_seesaw.data.synth import SMOKE, ensure_generated
 from fasa_seesaw.engine import check_datasets, check_output_dir
-from fasa_seesaw.errors import DataError, user_message
+from fasa_seesaw.errors import DataError, is_project_error, user_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +40,8 @@ def _cfg(**datasets):
 
 
 class BrokenCopy:
-    """A copy of the smoke dataset with one training image deleted and one truncated."""
+    """A copy of the smoke dataset with one training image deleted, one truncated and one of
+    another size than its json entry."""
 
     def __init__(self, root):
         paths = ensure_generated(SMOKE)
@@ -51,9 +53,11 @@ class BrokenCopy:
             names = sorted(img["file_name"] for img in json.load(f)["images"])
         self.missing = os.path.join(self.train_root, names[0])
         self.truncated = os.path.join(self.train_root, names[1])
+        self.resized = os.path.join(self.train_root, names[2])
         os.remove(self.missing)
         with open(self.truncated, "r+b") as f:
             f.truncate(300)
+        Image.new("RGB", (32, 48)).save(self.resized)
 
 
 class TestBadInput(unittest.TestCase):
@@ -76,8 +80,11 @@ class TestBadInput(unittest.TestCase):
             check_datasets(_cfg(train=("nope",)))
         with self.assertRaisesRegex(ConfigError, "DATASETS.TEST names 'nada'"):
             check_datasets(_cfg(test=("nada",)))
-        check_datasets(_cfg())  # a built-in dataset, generated on first use
+        check_datasets(_cfg())  # a built-in dataset: its json is written when it is first used
 
+    @unittest.skipIf(
+        os.path.isfile(MetadataCatalog.get("lvis_v1_train").json_file), "LVIS is installed here"
+    )
     def test_registered_dataset_whose_json_is_missing(self):
         # detectron2's own LVIS registration, without the files.
         with self.assertRaisesRegex(ConfigError, r"does not exist.*DETECTRON2_DATASETS"):
@@ -105,6 +112,11 @@ class TestBadInput(unittest.TestCase):
         for resume in (False, True):  # --resume without a checkpoint also starts at 0
             check_output_dir(cfg, resume=resume)
             self.assertFalse(os.path.exists(os.path.join(out, "metrics.json")))
+        # --resume with a model_final.pth but no last_checkpoint: says so, not "pass --resume".
+        open(os.path.join(out, "model_final.pth"), "w").close()
+        with self.assertRaisesRegex(ConfigError, "--resume found no last_checkpoint"):
+            check_output_dir(cfg, resume=True)
+        os.remove(os.path.join(out, "model_final.pth"))
         kept = sorted(os.listdir(out))
         self.assertEqual(len(kept), 2, kept)
         self.assertTrue(kept[0].startswith("fasa_adaptation.earlier-"), kept)
@@ -114,9 +126,11 @@ class TestBadInput(unittest.TestCase):
         total, bad = check_image_files(["test_bad_input_train"])["test_bad_input_train"]
         self.assertEqual(total, 120)
         found = dict(bad)
-        self.assertEqual(set(found), {self.broken.missing, self.broken.truncated})
-        self.assertEqual(found[self.broken.missing], "missing")
-        self.assertIn("truncated", found[self.broken.truncated])
+        b = self.broken
+        self.assertEqual(set(found), {b.missing, b.truncated, b.resized})
+        self.assertEqual(found[b.missing], "missing")
+        self.assertIn("truncated", found[b.truncated])
+        self.assertIn("32x48 pixels, the json says 64x64", found[b.resized])
 
     def test_training_reports_an_unreadable_image_with_the_dataset_and_count(self):
         dicts = DatasetCatalog.get("test_bad_input_train")
@@ -144,6 +158,19 @@ class TestBadInput(unittest.TestCase):
             user_message(wrapped), "training image 'a.png' could not be read (missing)."
         )
         self.assertEqual(user_message(ConfigError("plain")), "plain")
+        # From a process of detectron2's launch (torch's ProcessRaisedException), a message of
+        # several lines.
+        raised = RuntimeError(
+            "\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call "
+            'last):\n  File "w.py", line 2, in g\nfasa_seesaw.engine.checkpoint.CheckpointError: '
+            "MODEL.WEIGHTS 'x.pth' does not fit:\n  a: checkpoint (14, 8), model (13, 8)\n"
+        )
+        self.assertEqual(
+            user_message(raised),
+            "MODEL.WEIGHTS 'x.pth' does not fit:\n  a: checkpoint (14, 8), model (13, 8)",
+        )
+        self.assertTrue(is_project_error(raised))
+        self.assertFalse(is_project_error(RuntimeError("CUDA out of memory")))
 
     @pytest.mark.slow  # subprocesses
     def test_train_net_on_broken_data_is_one_message(self):
@@ -163,7 +190,7 @@ class TestBadInput(unittest.TestCase):
             base + ["--check-data"] + opts, capture_output=True, text=True, env=env
         )
         self.assertEqual(check.returncode, 1, check.stderr[-2000:])
-        self.assertIn("broken: 118 of 120 images are readable", check.stdout)
+        self.assertIn("broken: 117 of 120 images are readable", check.stdout)
         train = subprocess.run(base + opts, capture_output=True, text=True, env=env)
         self.assertNotEqual(train.returncode, 0)
         self.assertIn("could not be read", train.stderr)

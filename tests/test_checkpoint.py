@@ -19,6 +19,7 @@ from fasa_seesaw.engine.checkpoint import (
     CrashSafeCheckpointer,
     atomic_write,
     check_resume_files,
+    check_weights_file,
     final_iteration,
     load_for_eval,
 )
@@ -33,6 +34,11 @@ def build(config, *opts):
     cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", "12", *opts])
     torch.manual_seed(0)
     return Trainer.build_model(cfg)
+
+
+def final_iteration_of_plain(path):
+    """Tensor count of a plain checkpoint (the model of ``CrashSafeCheckpointer`` tests)."""
+    return len(torch.load(path, weights_only=True)["model"])
 
 
 def save(model, path):
@@ -62,8 +68,8 @@ class TestEvalRefusesWrongWeights(unittest.TestCase):
         cls._tmp.cleanup()
 
     def test_matching_weights_load_exactly(self):
-        model = build("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml")  # other seed: other weights
-        torch.manual_seed(1)
+        model = build("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml")
+        torch.manual_seed(1)  # other weights than the checkpoint's
         for p in model.parameters():
             p.data.normal_()
         load_for_eval(model, self.paths["seesaw"])
@@ -149,26 +155,37 @@ class TestCheckpointFiles(unittest.TestCase):
             self.assertEqual(os.listdir(d), ["model_final.pth"])
 
     def test_disk_full_while_saving_says_what_to_do(self):
+        # The temporary file is a link to /dev/full: every write fails with ENOSPC, as on a disk
+        # that is full.
         with tempfile.TemporaryDirectory() as d:
             ckpt = CrashSafeCheckpointer(torch.nn.Linear(2, 2), d, save_to_disk=True)
             ckpt.save("model_0000009")
-            real = torch.save
-
-            def full(*args, **kwargs):
-                raise RuntimeError(
-                    "[enforce fail at inline_container.cc] PytorchStreamWriter "
-                    "failed writing file data/0: file write failed"
-                )
-
-            torch.save = full
-            try:
-                with self.assertRaisesRegex(CheckpointError, "the disk is full"):
-                    ckpt.save("model_0000019")
-            finally:
-                torch.save = real
+            os.symlink("/dev/full", os.path.join(d, "model_0000019.pth.tmp"))
+            with self.assertRaisesRegex(CheckpointError, "the disk is full"):
+                ckpt.save("model_0000019")
             self.assertEqual(sorted(os.listdir(d)), ["last_checkpoint", "model_0000009.pth"])
             with open(os.path.join(d, "last_checkpoint")) as f:
                 self.assertEqual(f.read(), "model_0000009.pth")
+            self.assertEqual(final_iteration_of_plain(os.path.join(d, "model_0000009.pth")), 2)
+
+    def test_weights_file_checked_before_any_process_starts(self):
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaisesRegex(CheckpointError, "MODEL.WEIGHTS is empty"):
+                check_weights_file("")
+            check_weights_file("", allow_untrained=True)
+            with self.assertRaisesRegex(CheckpointError, "does not exist"):
+                check_weights_file(os.path.join(d, "nowhere.pth"))
+            good = os.path.join(d, "good.pth")
+            torch.save({"model": {}}, good)
+            check_weights_file(good)
+            check_weights_file(good + "?matching_heuristics=True")  # detectron2's query
+            with open(good, "rb") as f:
+                data = f.read()
+            bad = os.path.join(d, "bad.pth")
+            with open(bad, "wb") as f:
+                f.write(data[: len(data) // 2])
+            with self.assertRaisesRegex(CheckpointError, "is not a readable checkpoint"):
+                check_weights_file(bad)
 
     def test_last_checkpoint_empty_or_dangling(self):
         with tempfile.TemporaryDirectory() as d:
@@ -176,12 +193,14 @@ class TestCheckpointFiles(unittest.TestCase):
             self.assertIsNone(check_resume_files(d))
             open(os.path.join(d, "model_0000004.pth"), "wb").close()
             open(os.path.join(d, "model_final.pth.tmp"), "wb").close()
+            open(os.path.join(d, "study_run.json.tmp"), "wb").close()  # not ours: kept
             for content, words in (("", "is empty"), ("model_0000009.pth", "which is not in")):
                 with open(tag, "w") as f:
                     f.write(content)
                 with self.assertRaisesRegex(CheckpointError, words + ".*found: model_0000004.pth"):
                     check_resume_files(d)
             self.assertNotIn("model_final.pth.tmp", os.listdir(d))  # a killed save's leftover
+            self.assertIn("study_run.json.tmp", os.listdir(d))
             with open(tag, "w") as f:
                 f.write("model_0000004.pth\n")
             self.assertEqual(check_resume_files(d), os.path.join(d, "model_0000004.pth"))

@@ -69,8 +69,8 @@ class TestBadInput(unittest.TestCase):
                 self.check(d, "bbox", "1 of", "malformed", "index 1", words)
 
     def test_ground_truth_without_the_federated_lists_is_refused(self):
-        # As train_net.py refuses it: evaluating missing lists as empty ones counts every
-        # detection of a category absent from an image as a false positive.
+        # As train_net.py refuses it, rather than guessing the lists (empty ones ignore every
+        # detection of a category absent from an image).
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             with self.subTest(key=key):
                 gt = copy.deepcopy(self.gt)

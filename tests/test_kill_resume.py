@@ -29,12 +29,13 @@ OPTS = SMOKE_OPTS + [
     "FASA_SEESAW.PROGRESS_PERIOD", "0",
 ]  # fmt: skip
 # MAX_ITER 8 with a checkpoint every 4: model_0000003, then model_0000007 and model_final in the
-# same step (the final save right after a periodic one).
+# same step (the final save right after a periodic one). Each kill lands after model_0000003 is
+# complete and named, so the resume starts from it.
 PERIODIC = ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "4"]
 KILLS = [
-    ("mid_write", "model_0000003.pth"),
-    ("after_rename", "model_0000003.pth"),
-    ("mid_write", "last_checkpoint"),
+    ("mid_write", "model_0000007.pth"),
+    ("after_rename", "model_0000007.pth"),
+    ("mid_write", "last_checkpoint@2"),  # while it is rewritten to name model_0000007.pth
     ("before_rename", "model_final.pth"),
     ("mid_write", "model_final.pth"),
 ]
@@ -103,11 +104,9 @@ class TestKillAndResume(unittest.TestCase):
     def check_killed_then_resumed(self, killed, files, resumed, out, reference):
         self.assertEqual(killed.returncode, -9, killed.stderr[-2000:])
         complete, last = files
-        # Every file under a checkpoint name is complete; last_checkpoint names one of them (a
-        # kill before it is first written leaves none: the resume starts from MODEL.WEIGHTS).
+        # Every file under a checkpoint name is complete; last_checkpoint names one of them.
         self.assertTrue(all(it is not None for it in complete.values()), complete)
-        if last is not None:
-            self.assertIn(last, complete)
+        self.assertIn(last, complete)
         self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
         self.assertNotIn("Traceback", resumed.stderr)
         self.assertFalse([n for n in os.listdir(out) if n.endswith(".tmp")])
@@ -130,6 +129,11 @@ class TestKillAndResume(unittest.TestCase):
         for point_file in KILLS:
             with self.subTest(kill=point_file):
                 self.check_killed_then_resumed(*self.results[point_file], reference)
+        # Killed before model_0000007.pth was named: the resume went on from model_0000003.pth.
+        for point_file in KILLS[:3]:
+            _killed, (_complete, last), resumed, _out = self.results[point_file]
+            self.assertEqual(last, "model_0000003.pth", point_file)
+            self.assertIn("model_0000003.pth", resumed.stdout)
         # Killed while model_final.pth was written right after model_0000007.pth: the resume
         # starts at MAX_ITER and writes model_final.pth from the periodic checkpoint.
         resumed = self.results[("mid_write", "model_final.pth")][2]

@@ -87,18 +87,25 @@ class TestMultiProcess(unittest.TestCase):
                 url,
             ]
 
+        # Output to files: a full pipe would block one machine while the other waits for it.
+        logs = [open(os.path.join(cls.tmp, f"machine{rank}.log"), "w+") for rank in (0, 1)]
         procs = [
             subprocess.Popen(
                 command("train_net.py", cls.out["machines"], MAX_ITER, *machine(rank)),
                 cwd=ROOT,
                 env=dict(os.environ, OMP_NUM_THREADS="1"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=logs[rank],
+                stderr=subprocess.STDOUT,
                 text=True,
             )
             for rank in (0, 1)
         ]
-        cls.machines = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+        cls.machines = []
+        for p, log in zip(procs, logs):
+            code = p.wait(timeout=600)
+            log.seek(0)
+            cls.machines.append((code, "", log.read()))
+            log.close()
 
     @classmethod
     def tearDownClass(cls):

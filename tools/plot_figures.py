@@ -468,7 +468,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return args.func(args)
-    except ToolError as e:
+    except (ToolError, ConfigError) as e:  # ConfigError: e.g. weights that do not fit the config
         sys.exit(f"error: {e}")
 
 

@@ -1,6 +1,7 @@
 # Copyright (c) fasa_seesaw contributors.
 
 
+import re
 from typing import Iterable
 
 
@@ -14,15 +15,21 @@ class DataError(ConfigError):
 
 def user_message(e: BaseException) -> str:
     """
-    The message of a ConfigError for the terminal: an error raised in a data-loader worker
-    arrives re-raised with the worker's traceback in its text, of which only the last line (the
-    original message) is for the user.
+    The message of a project error for the terminal. An error raised in a data-loader worker or
+    in a process of detectron2's launch arrives with the worker's traceback in its text; of that
+    only the project error's own message (from ``fasa_seesaw....Error:`` to the end) is for the
+    user.
     """
     text = str(e)
-    if "Original Traceback" not in text:
+    found = list(re.finditer(r"^fasa_seesaw\.[\w.]*Error: ", text, flags=re.M))
+    if not found:
         return text
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    return last.split(": ", 1)[1] if ": " in last else last
+    return text[found[-1].end() :].strip()
+
+
+def is_project_error(e: BaseException) -> bool:
+    """A ConfigError, or one raised in another process (its text names the project's class)."""
+    return isinstance(e, ConfigError) or user_message(e) != str(e)
 
 
 def check_choice(key: str, value, choices: Iterable) -> None:

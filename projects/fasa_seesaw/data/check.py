@@ -15,7 +15,7 @@ __all__ = ["check_data", "check_image_files", "format_report"]
 
 
 def _problem(d: dict):
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     path = d["file_name"]
     if not os.path.isfile(path):
@@ -23,11 +23,11 @@ def _problem(d: dict):
     try:
         with Image.open(path) as im:
             im.load()  # decodes: a truncated file fails here
-            size = im.size
+            size = ImageOps.exif_transpose(im).size  # as detectron2's read_image orients it
     except Exception as e:  # PIL raises many kinds for a bad file
         return f"unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
     want = (d.get("width"), d.get("height"))
-    if None not in want and tuple(size) != want and tuple(size) != want[::-1]:
+    if None not in want and tuple(size) != want:  # detectron2's check_image_size refuses it
         return f"{size[0]}x{size[1]} pixels, the json says {want[0]}x{want[1]}"
     return None
 

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 from torch.utils import data as torchdata
 
 from detectron2.data.common import DatasetFromList, ToIterableDataset
+from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 
 from ..errors import DataError
@@ -114,7 +115,7 @@ class PositionedMapDataset(torchdata.Dataset):
                 d = self._dicts[index]
                 try:
                     out = self._mapper(d)
-                except OSError as e:  # missing, unreadable or corrupt image file
+                except (OSError, SizeMismatchError) as e:  # missing, corrupt or of another size
                     raise unreadable_image_error(self._dicts, d, e, self._names) from None
             if out is not None:
                 return out
@@ -123,7 +124,7 @@ class PositionedMapDataset(torchdata.Dataset):
         raise RuntimeError(f"The data mapper rejected 8 samples in a row near index {index}.")
 
 
-def unreadable_image_error(dicts, d: dict, error: OSError, names=()) -> DataError:
+def unreadable_image_error(dicts, d: dict, error: Exception, names=()) -> DataError:
     """One message for an image file that training could not read, with the number of the
     dataset's files that are missing (a cheap check of every path)."""
     missing = sum(1 for x in dicts if not os.path.isfile(x["file_name"]))
@@ -131,7 +132,8 @@ def unreadable_image_error(dicts, d: dict, error: OSError, names=()) -> DataErro
     why = (str(error).splitlines() or [type(error).__name__])[0]
     return DataError(
         f"training image '{d['file_name']}' could not be read ({why}). In {where}, {missing} of "
-        f"{len(dicts)} image files are missing. Check the image root (--dataset "
+        f"{len(dicts)} image files are missing (corrupt ones are not counted here). Check the "
+        "image root (--dataset "
         "NAME=JSON:IMAGE_ROOT, or $DETECTRON2_DATASETS for detectron2's datasets); "
         "`python train_net.py --config-file CONFIG --check-data` lists every bad file."
     )

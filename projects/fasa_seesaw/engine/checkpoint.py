@@ -18,6 +18,7 @@ import os
 import pickle
 import zipfile
 from typing import List, Optional
+from urllib.parse import urlparse
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "CrashSafeCheckpointer",
     "check_resume_files",
+    "check_weights_file",
     "final_iteration",
     "load_for_eval",
     "training_state_keys",
@@ -74,11 +76,14 @@ def atomic_write(path: str, write) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save reports a failed write as a RuntimeError from its zip writer.
-    return isinstance(e, RuntimeError) and "PytorchStreamWriter failed" in str(e)
+def _is_disk_full(e: Optional[BaseException]) -> bool:
+    """ENOSPC / EDQUOT anywhere in the chain: torch.save's zip writer reports a failed write as a
+    RuntimeError of its own, and the file's close then raises the OSError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class CrashSafeCheckpointer(DetectionCheckpointer):
@@ -118,6 +123,7 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {path}")
         try:
             atomic_write(path, lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(basename)
         except (OSError, RuntimeError) as e:
             if _is_disk_full(e):
                 raise CheckpointError(
@@ -126,7 +132,6 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
                     "OUTPUT_DIR to a larger disk) and continue with --resume."
                 ) from None
             raise CheckpointError(f"could not write {path}: {e}") from None
-        self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._local():
@@ -135,7 +140,8 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path, *args, **kwargs):
-        if path and "://" not in path and not os.path.isfile(path):
+        local = urlparse(path)._replace(query="").geturl() if path else path  # ?matching_...
+        if path and "://" not in local and not os.path.isfile(local):
             raise CheckpointError(
                 f"the checkpoint {path!r} does not exist. Check MODEL.WEIGHTS (or the file "
                 "'last_checkpoint' names, when resuming)."
@@ -200,6 +206,38 @@ def _describe_fit(model, incompatible) -> Optional[str]:
     return "\n".join(lines)
 
 
+def _untrained_error() -> CheckpointError:
+    return CheckpointError(
+        "MODEL.WEIGHTS is empty: evaluation would run an untrained model. Pass the trained "
+        "weights (e.g. MODEL.WEIGHTS output/model_final.pth), or --eval-untrained if an "
+        "untrained model is meant."
+    )
+
+
+def check_weights_file(weights: str, *, allow_untrained: bool = False) -> None:
+    """
+    Before any process starts: the weights to evaluate are named, exist and look like a
+    checkpoint (a zip archive as torch.save writes, a legacy pickle, or a detectron2 .pkl),
+    without loading them. Whether they fit the model is checked when they load.
+    """
+    if not weights:
+        if allow_untrained:
+            return
+        raise _untrained_error()
+    local = urlparse(weights)._replace(query="").geturl()
+    if "://" in local:
+        return  # a URL: fetched (and checked) when it loads
+    if not os.path.isfile(local):
+        raise CheckpointError(f"the checkpoint {weights!r} (MODEL.WEIGHTS) does not exist.")
+    with open(local, "rb") as f:
+        pickled = f.read(1) == b"\x80"
+    if not (zipfile.is_zipfile(local) or pickled):
+        raise CheckpointError(
+            f"{weights!r} ({os.path.getsize(local)} bytes; MODEL.WEIGHTS) is not a readable "
+            "checkpoint: it is truncated, damaged or not a .pth/.pkl file; use a complete one."
+        )
+
+
 def load_for_eval(
     model, weights: str, *, allow_untrained: bool = False, allow_pickle: bool = False
 ) -> None:
@@ -214,11 +252,7 @@ def load_for_eval(
         if allow_untrained:
             logger.warning("MODEL.WEIGHTS is empty: evaluating an untrained model, as asked.")
             return
-        raise CheckpointError(
-            "MODEL.WEIGHTS is empty: evaluation would run an untrained model. Pass the trained "
-            "weights (e.g. MODEL.WEIGHTS output/model_final.pth), or --eval-untrained if an "
-            "untrained model is meant."
-        )
+        raise _untrained_error()
     checkpointer = CrashSafeCheckpointer(model)
     try:
         checkpointer.load(weights, checkpointables=[])
@@ -259,7 +293,7 @@ def check_resume_files(output_dir: str, clean: bool = True) -> Optional[str]:
     if not os.path.isdir(output_dir):
         return None
     for name in os.listdir(output_dir) if clean else ():
-        if name.endswith(_TMP_SUFFIX):
+        if name.endswith(".pth" + _TMP_SUFFIX) or name == "last_checkpoint" + _TMP_SUFFIX:
             logger.info("Removing %s, left by a save that did not finish.", name)
             os.remove(os.path.join(output_dir, name))
     tag = os.path.join(output_dir, "last_checkpoint")

@@ -33,7 +33,7 @@ def check_config(cfg):
 def check_schedule(solver):
     """An LR step at MAX_ITER passes detectron2's filter (it drops steps beyond MAX_ITER) and
     then fails deep inside fvcore's scheduler."""
-    if solver.MAX_ITER in tuple(solver.STEPS):
+    if solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and solver.MAX_ITER in tuple(solver.STEPS):
         raise ConfigError(
             f"SOLVER.STEPS {tuple(solver.STEPS)} has a step at SOLVER.MAX_ITER {solver.MAX_ITER}, "
             "where training ends: move it below MAX_ITER or remove it."
@@ -85,15 +85,14 @@ def check_num_classes(cfg):
             )
 
 
-def check_datasets(cfg):
-    """Every dataset the config names is registered and its json exists (or is generated)."""
+def check_datasets(cfg, train: bool = True):
+    """Every dataset the config names (only the test ones when not ``train``) is registered, and
+    its json exists or is generated on first use; then the test sets are checked for LVIS."""
     from ..data.datasets import BUILTIN_DATASETS
     from ..data.heldout import base_dataset
 
-    for key, names in (
-        ("DATASETS.TRAIN", cfg.DATASETS.TRAIN),
-        ("DATASETS.TEST", cfg.DATASETS.TEST),
-    ):
+    splits = (("DATASETS.TRAIN", cfg.DATASETS.TRAIN),) if train else ()
+    for key, names in splits + (("DATASETS.TEST", cfg.DATASETS.TEST),):
         for name in names:
             if name not in DatasetCatalog.list():
                 raise ConfigError(
@@ -153,6 +152,12 @@ def check_output_dir(cfg, *, resume: bool):
     existing = [
         f for f in ("model_final.pth", "last_checkpoint") if os.path.exists(os.path.join(out, f))
     ]
+    if existing and resume:  # model_final.pth without a last_checkpoint to name it
+        raise ConfigError(
+            f"--resume found no last_checkpoint in OUTPUT_DIR '{out}', but {existing[0]} is "
+            "there. To continue from it, write its name into OUTPUT_DIR/last_checkpoint; to "
+            "start again, choose another OUTPUT_DIR. Nothing was overwritten."
+        )
     if existing:
         raise ConfigError(
             f"OUTPUT_DIR '{out}' already holds {', '.join(existing)} from an earlier "
@@ -174,6 +179,8 @@ def set_aside_records(out: str) -> None:
         path = os.path.join(out, name)
         if os.path.exists(path):
             stem, ext = os.path.splitext(name)
-            new = os.path.join(out, f"{stem}.earlier-{stamp}{ext}")
+            new, n = os.path.join(out, f"{stem}.earlier-{stamp}{ext}"), 1
+            while os.path.exists(new):  # never over an earlier set-aside of the same second
+                new, n = os.path.join(out, f"{stem}.earlier-{stamp}-{n}{ext}"), n + 1
             os.replace(path, new)
             logger.warning("%s holds an earlier run's records: renamed %s.", path, new)

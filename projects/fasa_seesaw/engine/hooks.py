@@ -85,8 +85,9 @@ class RNGStateHook(HookBase):
             return {"ranks": [_portable(get_rng_states())]}
         if self._at != self.trainer.iter:
             logger.warning(
-                "Checkpoint outside detectron2's checkpoint steps: only this process's random "
-                "states are saved; a resume from it re-seeds the other processes' from them."
+                "The other processes' random states are not at hand for this checkpoint (it is "
+                "written outside detectron2's checkpoint steps, or after a resume with another "
+                "number of processes): a resume from it gives every process this one's."
             )
             return {"ranks": [_portable(get_rng_states())]}
         return {"ranks": self._ranks}

@@ -21,7 +21,7 @@ from ..data import prepare_datasets
 from ..data.counts import epoch_iterations
 from ..data.heldout import base_dataset
 from ..data.resumable import resumable_training_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, user_message
 from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
 from ..evaluation.topk_inference import per_class_score_floor
 from .checkpoint import CrashSafeCheckpointer, check_resume_files, final_iteration
@@ -135,10 +135,10 @@ class Trainer(DefaultTrainer):
         again from it unless a complete one of that iteration is there.
         """
         path = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
-        if final_iteration(path) == self.iter or not self.checkpointer.save_to_disk:
+        if not self.checkpointer.save_to_disk or final_iteration(path) == self.iter:
             return
         logger.info("model_final.pth is missing or older than iteration %d: writing it.", self.iter)
-        self.checkpointer.save("model_final")
+        self.checkpointer.save("model_final", iteration=self.iter)  # as PeriodicCheckpointer
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -177,12 +177,17 @@ class Trainer(DefaultTrainer):
 
 
 class _DropTraceback(logging.Filter):
+    """Keeps the log line (log.txt says why the run stopped) without the traceback."""
+
     def __init__(self, kinds):
         super().__init__()
         self.kinds = kinds
 
     def filter(self, record):
-        return not (record.exc_info and issubclass(record.exc_info[0], self.kinds))
+        if record.exc_info and issubclass(record.exc_info[0], self.kinds):
+            record.msg = f"{record.getMessage()} {user_message(record.exc_info[1])}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
 
 
 @contextlib.contextmanager

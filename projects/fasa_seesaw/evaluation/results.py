@@ -72,9 +72,9 @@ def load_lvis_gt(gt: Union[str, os.PathLike, dict]) -> dict:
         raise EvaluationInputError(
             f"{name}: {len(no_lists)} images lack 'neg_category_ids' / "
             f"'not_exhaustive_category_ids' (ids {_first(no_lists)}), the federated lists LVIS AP "
-            "reads; train_net.py refuses this json too. Fix: add them (empty lists where "
-            "unknown: every category then counts as verified absent) with `python -m "
-            "fasa_seesaw.data.add_frequency GT.json OUT.json`."
+            "reads; train_net.py refuses this json too. Fix: add them with `python -m "
+            "fasa_seesaw.data.add_frequency GT.json OUT.json` (empty lists where unknown: "
+            "detections of a category absent from an image are then ignored, not counted)."
         )
     return gt
 
@@ -254,7 +254,7 @@ def _bbox_array(results: List[dict]) -> Optional[np.ndarray]:
         return None
     # Numbers only (a score or box given as strings would parse): anything else is reported by
     # the per-result checks.
-    if any(c.dtype.kind not in "iuf" for c in cols):
+    if any(c.dtype.kind not in "iuf" for c in cols) or cols[0].dtype.kind not in "iu":
         return None
     if cols[1].ndim != 2 or cols[1].shape[1] != 4:
         return None
