@@ -34,15 +34,15 @@ if [[ -n "${DRY_RUN:-}" ]]; then
     || { cat "$OUT/collect.txt"; echo "[device_check] a CUDA test is missing" >&2; exit 1; }
   # The flags each benchmark's argparse defines: its usage block (--help up to the first blank
   # line), not the description below it.
-  usage() { "$PY" "$1" --help | sed '/^$/q'; }
-  for flag in --device --json; do
-    for bench in benchmarks/bench_seesaw_loss.py benchmarks/bench_fasa.py; do
-      grep -q -- "\[$flag" <<<"$(usage "$bench")" \
+  for bench in benchmarks/bench_seesaw_loss.py benchmarks/bench_fasa.py; do
+    usage="$("$PY" "$bench" --help | sed '/^$/q')"
+    flags=(--device --json)
+    [[ "$bench" == *bench_fasa.py ]] && flags+=(--part)
+    for flag in "${flags[@]}"; do
+      grep -q -- "\[$flag" <<<"$usage" \
         || { echo "[device_check] $bench has no $flag option" >&2; exit 1; }
     done
   done
-  grep -q -- "\[--part" <<<"$(usage benchmarks/bench_fasa.py)" \
-    || { echo "[device_check] bench_fasa.py has no --part option" >&2; exit 1; }
   echo "[device_check] dry run: ${#CUDA_TESTS[@]} CUDA tests collected; would run:"
   printf '  %s\n' "${SEESAW[*]}" "${FASA[*]}" "${FASA_GEN[*]}"
   exit 0

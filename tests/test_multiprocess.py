@@ -27,7 +27,7 @@ OPTS = SMOKE_OPTS + [
     "DATASETS.TEST", "()", "MODEL.RESNETS.NORM", "FrozenBN", "SOLVER.IMS_PER_BATCH", "4",
     "SOLVER.STEPS", "(5,)", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "100000",
     "DATALOADER.NUM_WORKERS", "0", "MODEL.FASA.WARMUP_ITERS", "3", "MODEL.FASA.ADAPT.PERIOD", "2",
-    "FASA_SEESAW.PROGRESS_PERIOD", "0",
+    "FASA_SEESAW.PROGRESS_PERIOD", "0", "MODEL.BACKBONE.FREEZE_AT", "5",
 ]  # fmt: skip
 MAX_ITER = 8
 LONG_TAIL_STATE = ("cls_loss.class_counts", "fasa.probs", "fasa.bank.mean", "fasa.bank.var")
