@@ -190,7 +190,9 @@ def _describe_fit(model, incompatible) -> Optional[str]:
     """A message for weights that leave part of the model as it was built, else None."""
     training = set(training_state_keys(model))
     shapes = [s for s in incompatible.incorrect_shapes if s[0] not in training]
-    missing = [k for k in incompatible.missing_keys if k not in training]
+    # fvcore drops the tensors of another shape before loading, so they are "missing" too.
+    other_shape = {key for key, _, _ in shapes}
+    missing = [k for k in incompatible.missing_keys if k not in training | other_shape]
     if not shapes and not missing:
         return None
     lines = []
