@@ -2,7 +2,8 @@
 """
 tools/group_errors.py: each detection of a hand-made case gets the type worked out by hand (true
 positive, a confusion with another class's object, background, a duplicate), only detections of
-classes the image verified are typed, and the score threshold and per-image cap apply.
+classes the image verified are typed, an unmatched detection of a class the image does not label
+exhaustively is ignored, and the score threshold and per-image cap apply.
 """
 
 import json
@@ -30,7 +31,7 @@ def _case():
             "width": 200,
             "height": 200,
             "neg_category_ids": [],
-            "not_exhaustive_category_ids": [],
+            "not_exhaustive_category_ids": [3],
         },
     ]
     anns = [  # image 1: a frequent object; image 2: a rare and a common object
@@ -59,6 +60,16 @@ def _case():
             "iscrowd": 0,
         },
     ]
+    anns.append(  # a frequent object in image 2, whose frequent class is not exhaustive there
+        {
+            "id": 4,
+            "image_id": 2,
+            "category_id": 3,
+            "bbox": [150, 150, 40, 40],
+            "area": 1600,
+            "iscrowd": 0,
+        }
+    )
     gt = {"images": images, "annotations": anns, "categories": cats}
 
     def det(image, cat, box, score):
@@ -73,6 +84,8 @@ def _case():
         det(2, 1, [101, 100, 40, 40], 0.5),  # its duplicate: other
         det(2, 1, [10, 10, 40, 40], 0.4),  # rare on the common object: cls
         det(2, 2, [10, 10, 40, 40], 0.2),  # common tp, but below the score threshold
+        det(2, 3, [150, 10, 40, 40], 0.45),  # frequent on background, class not exhaustive: ignored
+        det(2, 3, [150, 150, 40, 40], 0.35),  # frequent tp in image 2
     ]
     return gt, dets
 
@@ -84,7 +97,7 @@ class TestGroupErrors(unittest.TestCase):
         out = ge.group_errors(gt, dets, score=0.3)
         self.assertEqual(out["r"], {"n": 5, "tp": 1, "cls": 2, "bkg": 1, "other": 1, "gt": 1})
         self.assertEqual(out["c"], {"n": 0, "tp": 0, "cls": 0, "bkg": 0, "other": 0, "gt": 1})
-        self.assertEqual(out["f"], {"n": 1, "tp": 1, "cls": 0, "bkg": 0, "other": 0, "gt": 1})
+        self.assertEqual(out["f"], {"n": 2, "tp": 2, "cls": 0, "bkg": 0, "other": 0, "gt": 2})
         low = ge.group_errors(gt, dets, score=0.0)
         self.assertEqual((low["c"]["n"], low["c"]["tp"]), (1, 1))
         # the cap keeps each image's highest scores: in image 2 only the rare tp (0.6)

@@ -7,8 +7,10 @@ background. It answers "does a method raise a group's scores where that group is
 why a model finds as many rare objects as another but has a lower APr.
 
 Only detections that LVIS evaluation counts are typed: the image must have verified the
-detection's class (a positive, or in neg_category_ids); as in LVIS AP, at most --max-dets per
-image (highest scores) are kept, and only those with score >= --score are typed. Each is typed
+detection's class (a positive, or in neg_category_ids), and a detection that matches nothing of
+a class in the image's not_exhaustive_category_ids is ignored, as LVIS ignores it. As in LVIS AP,
+at most 300 detections per image (highest scores) are kept; only those with score >= --score
+are typed. Each is typed
 at IoU 0.5 against the ground truth of every class, in order of score per image:
 
   tp     matches an unmatched ground truth of its class (IoU >= 0.5);
@@ -71,6 +73,9 @@ def group_errors(gt: dict, dets, score: float = 0.3, max_dets: int = 300) -> dic
         im["id"]: {a["category_id"] for a in gts[im["id"]]} | set(im.get("neg_category_ids", []))
         for im in gt["images"]
     }
+    not_exhaustive = {
+        im["id"]: set(im.get("not_exhaustive_category_ids", [])) for im in gt["images"]
+    }
     by_image = defaultdict(list)
     for d in dets:
         if d["category_id"] not in freq:
@@ -88,14 +93,18 @@ def group_errors(gt: dict, dets, score: float = 0.3, max_dets: int = 300) -> dic
             if d["score"] < score or d["category_id"] not in verified.get(image_id, ()):
                 continue
             row = out[freq[d["category_id"]]]
-            row["n"] += 1
             ious = _iou_xywh(np.asarray(d["bbox"], dtype=np.float64), boxes)
             same = (classes == d["category_id"]) & ~matched & (ious >= 0.5)
             if same.any():
                 j = np.flatnonzero(same)[ious[same].argmax()]
                 matched[j] = True
+                row["n"] += 1
                 row["tp"] += 1
-            elif ((classes != d["category_id"]) & (ious >= 0.5)).any():
+                continue
+            if d["category_id"] in not_exhaustive.get(image_id, ()):
+                continue  # LVIS ignores it: the image may hold unlabelled objects of the class
+            row["n"] += 1
+            if ((classes != d["category_id"]) & (ious >= 0.5)).any():
                 row["cls"] += 1
             elif len(ious) == 0 or ious.max() < 0.1:
                 row["bkg"] += 1
