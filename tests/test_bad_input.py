@@ -31,6 +31,10 @@ from fasa_seesaw.errors import DataError, is_project_error, user_message
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _raise_a_data_error(rank):
+    raise DataError("image 'b.png': missing.\n  Fix: x")
+
+
 def _cfg(**datasets):
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
@@ -117,6 +121,12 @@ class TestBadInput(unittest.TestCase):
         with self.assertRaisesRegex(ConfigError, "--resume found no last_checkpoint"):
             check_output_dir(cfg, resume=True)
         os.remove(os.path.join(out, "model_final.pth"))
+        # A periodic checkpoint whose last_checkpoint is gone is not overwritten either.
+        open(os.path.join(out, "model_0000099.pth"), "w").close()
+        for resume, words in ((False, "already holds model_0000099.pth"), (True, "found no")):
+            with self.assertRaisesRegex(ConfigError, words):
+                check_output_dir(cfg, resume=resume)
+        os.remove(os.path.join(out, "model_0000099.pth"))
         kept = sorted(os.listdir(out))
         self.assertEqual(len(kept), 2, kept)
         self.assertTrue(kept[0].startswith("fasa_adaptation.earlier-"), kept)
@@ -171,6 +181,25 @@ class TestBadInput(unittest.TestCase):
         )
         self.assertTrue(is_project_error(raised))
         self.assertFalse(is_project_error(RuntimeError("CUDA out of memory")))
+        # A bug raised while a project error was handled is the error to show, whole.
+        chained = RuntimeError(
+            'Traceback (most recent call last):\n  File "a.py", line 1, in f\n'
+            "fasa_seesaw.errors.ConfigError: a setting\n\nDuring handling of the above "
+            "exception, another exception occurred:\n\nTraceback (most recent call last):\n"
+            "  File \"b.py\", line 2, in g\nKeyError: 'x'\n"
+        )
+        self.assertEqual(user_message(chained), str(chained))
+        self.assertFalse(is_project_error(chained))
+
+    def test_user_message_of_an_error_raised_in_a_spawned_process(self):
+        """The exception torch's spawn (which detectron2's launch uses) really raises."""
+        import torch.multiprocessing as mp
+
+        with self.assertRaises(Exception) as caught:
+            mp.spawn(_raise_a_data_error, nprocs=1)
+        self.assertIn("Traceback", str(caught.exception))
+        self.assertEqual(user_message(caught.exception), "image 'b.png': missing.\n  Fix: x")
+        self.assertTrue(is_project_error(caught.exception))
 
     @pytest.mark.slow  # subprocesses
     def test_train_net_on_broken_data_is_one_message(self):

@@ -5,6 +5,7 @@ case of a head of another shape, a missing head, no weights), unreadable files a
 ``last_checkpoint`` get one message each, and a failed write leaves the earlier file intact.
 """
 
+import argparse
 import os
 import tempfile
 import unittest
@@ -36,8 +37,8 @@ def build(config, *opts):
     return Trainer.build_model(cfg)
 
 
-def final_iteration_of_plain(path):
-    """Tensor count of a plain checkpoint (the model of ``CrashSafeCheckpointer`` tests)."""
+def tensor_count(path):
+    """Tensors in a checkpoint's model (the plain models of ``CrashSafeCheckpointer`` tests)."""
     return len(torch.load(path, weights_only=True)["model"])
 
 
@@ -138,6 +139,26 @@ class TestEvalRefusesWrongWeights(unittest.TestCase):
         with self.assertRaisesRegex(CheckpointError, "does not exist"):
             load_for_eval(model, os.path.join(self.dir, "nowhere.pth"))
 
+    def test_legacy_format_cut_short_or_holding_objects(self):
+        """torch's legacy (pickle) format cut at any point is a damaged file, with one message;
+        a whole one whose trainer state holds a Python object is the caller's decision."""
+        model = build("mask_rcnn_R_18_FPN_ce_quickstart.yaml")
+        small = {"model": {"w": torch.randn(4, 4)}, "trainer": {"iteration": 3}}
+        path = os.path.join(self.dir, "legacy.pth")
+        torch.save(small, path, _use_new_zipfile_serialization=False)
+        with open(path, "rb") as f:
+            data = f.read()
+        checkpointer = CrashSafeCheckpointer(model)
+        for cut in range(1, len(data), 3):  # EOF, struct, index and unpickling errors among them
+            with open(path, "wb") as f:
+                f.write(data[:cut])
+            with self.assertRaisesRegex(CheckpointError, "is not a readable checkpoint", msg=cut):
+                checkpointer._torch_load(path)
+        small["trainer"]["args"] = argparse.Namespace(lr=0.1)
+        torch.save(small, path, _use_new_zipfile_serialization=False)
+        with self.assertRaisesRegex(CheckpointError, "holds Python objects.*trusted source"):
+            load_for_eval(model, path)
+
 
 class TestCheckpointFiles(unittest.TestCase):
     def test_atomic_write_keeps_the_old_file_when_writing_fails(self):
@@ -167,7 +188,15 @@ class TestCheckpointFiles(unittest.TestCase):
             self.assertEqual(sorted(os.listdir(d)), ["last_checkpoint", "model_0000009.pth"])
             with open(os.path.join(d, "last_checkpoint")) as f:
                 self.assertEqual(f.read(), "model_0000009.pth")
-            self.assertEqual(final_iteration_of_plain(os.path.join(d, "model_0000009.pth")), 2)
+            self.assertEqual(tensor_count(os.path.join(d, "model_0000009.pth")), 2)
+            # The checkpoint written, then the disk full when last_checkpoint is updated: the
+            # message says which is which; last_checkpoint still names the earlier one.
+            os.symlink("/dev/full", os.path.join(d, "last_checkpoint.tmp"))
+            with self.assertRaisesRegex(CheckpointError, "was written, but last_checkpoint could"):
+                ckpt.save("model_0000029")
+            self.assertEqual(tensor_count(os.path.join(d, "model_0000029.pth")), 2)
+            with open(os.path.join(d, "last_checkpoint")) as f:
+                self.assertEqual(f.read(), "model_0000009.pth")
 
     def test_weights_file_checked_before_any_process_starts(self):
         with tempfile.TemporaryDirectory() as d:

@@ -93,15 +93,18 @@ class TestEndToEnd(unittest.TestCase):
         self.assertTrue(os.path.isdir(os.path.join(os.environ["FASA_SEESAW_DATA"], "smoke")))
 
     def test_eval_only_reproduces_metrics(self):
+        # --eval-only --resume in the training folder: the checkpoint last_checkpoint names
+        # (model_final.pth), not MODEL.WEIGHTS (empty here), evaluated into a fresh subfolder.
         self.assertEqual(self.train.returncode, 0)
-        weights = os.path.join(self.out, "model_final.pth")
         r = run_train_net(
-            ["--config-file", CONFIG, "--eval-only"]
+            ["--config-file", CONFIG, "--eval-only", "--resume"]
             + SMOKE_OPTS
-            + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", os.path.join(self.tmp, "eval")],
+            + ["MODEL.WEIGHTS", "", "OUTPUT_DIR", self.out],
             self.env,
         )
         self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        final = os.path.join(self.out, "model_final.pth")
+        self.assertIn(f"--eval-only --resume: evaluating {final}", r.stdout)
         self.assertEqual(summary(r.stdout), summary(self.train.stdout))
 
     def test_eval_only_refuses_weights_that_do_not_fit_and_no_weights(self):

@@ -127,6 +127,12 @@ class TestGroupErrors(unittest.TestCase):
                     dets + [{"image_id": 1, "category_id": 9, "bbox": [0, 0, 1, 1], "score": 1}], f
                 )
             self.assertEqual(ge.main([run, "--dataset", "ds", "--gt", gt_path]), 2)
+            del gt["categories"][0]["frequency"]  # not an LVIS v1 json
+            with open(gt_path, "w") as f:
+                json.dump(gt, f)
+            with self.assertRaisesRegex(ge.ToolError, "needs a 'frequency'"):
+                ge.group_errors(gt, dets)
+            self.assertEqual(ge.main([run, "--dataset", "ds", "--gt", gt_path]), 2)
 
 
 if __name__ == "__main__":

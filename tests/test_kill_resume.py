@@ -150,6 +150,25 @@ class TestKillAndResume(unittest.TestCase):
         self.assertEqual(final_iteration(reference), 11)
         self.check_killed_then_resumed(killed, files, resumed, out, reference)
 
+    def test_a_checkpoint_past_max_iter_leaves_model_final_alone(self):
+        # A run finished at 6 (model_final.pth of iteration 5), extended and stopped after
+        # model_0000007.pth, then resumed with the original MAX_ITER 6: nothing is trained and
+        # the finished run's model_final.pth is not replaced by the later state.
+        out = os.path.join(self.tmp, "past_max_iter")
+        os.makedirs(out)
+        shutil.copy(os.path.join(self.tmp, "short", "model_final.pth"), out)
+        shutil.copy(os.path.join(self.tmp, "ref", "model_0000007.pth"), out)
+        with open(os.path.join(out, "last_checkpoint"), "w") as f:
+            f.write("model_0000007.pth")
+        with open(os.path.join(out, "model_final.pth"), "rb") as f:
+            before = f.read()
+        r = train(out, ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "100000"], True)
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        self.assertIn("past SOLVER.MAX_ITER 6: nothing is trained", r.stdout + r.stderr)
+        with open(os.path.join(out, "model_final.pth"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(final_iteration(os.path.join(out, "model_final.pth")), 5)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -15,7 +15,8 @@ at IoU 0.5 against the ground truth of every class, in order of score per image:
 
   tp     matches an unmatched ground truth of its class (IoU >= 0.5);
   cls    overlaps a ground truth of another class (IoU >= 0.5): a confusion;
-  bkg    overlaps no ground truth (IoU < 0.1 with all): a detection on background;
+  bkg    overlaps no ground truth (IoU < 0.1 with all): a detection on background, or on an
+         object of a class the image does not label (LVIS labels some classes per image);
   other  the rest (a poor box, or a duplicate of an object already found).
 
 "gt" is the group's number of ground-truth objects, so tp / gt is its recall at that score.
@@ -62,13 +63,19 @@ def group_errors(gt: dict, dets, score: float = 0.3, max_dets: int = 300) -> dic
     Returns {group: {"n": typed detections, "tp", "cls", "bkg", "other", "gt": ground truths}}
     for the groups "r", "c", "f" (see the module docstring for the rules).
     """
-    freq = {c["id"]: c["frequency"] for c in gt["categories"]}
+    freq = {c["id"]: c.get("frequency") for c in gt["categories"]}
+    if any(f not in GROUPS for f in freq.values()):
+        raise ToolError("every category needs a 'frequency' of 'r', 'c' or 'f' (LVIS v1 style)")
     out = {g: dict.fromkeys(("n",) + TYPES + ("gt",), 0) for g in GROUPS}
     gts = defaultdict(list)
     for a in gt["annotations"]:
-        if not a.get("iscrowd", 0):
-            gts[a["image_id"]].append(a)
-            out[freq[a["category_id"]]]["gt"] += 1
+        if a["category_id"] not in freq:
+            raise ToolError(
+                f"annotation {a.get('id')} has category_id {a['category_id']}, "
+                "not among the categories"
+            )
+        gts[a["image_id"]].append(a)
+        out[freq[a["category_id"]]]["gt"] += 1
     verified = {
         im["id"]: {a["category_id"] for a in gts[im["id"]]} | set(im.get("neg_category_ids", []))
         for im in gt["images"]
@@ -162,7 +169,7 @@ def format_md(rows, score):
     lines.append(
         f"Detections LVIS counts (class verified in the image) with score >= {score}, at most 300 "
         "per image; tp / gt is the group's recall at that score, cls a detection on another "
-        "class's object, bkg a detection on background."
+        "class's object, bkg a detection on no labelled object."
     )
     return "\n".join(lines) + "\n"
 

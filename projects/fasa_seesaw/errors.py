@@ -16,15 +16,20 @@ class DataError(ConfigError):
 def user_message(e: BaseException) -> str:
     """
     The message of a project error for the terminal. An error raised in a data-loader worker or
-    in a process of detectron2's launch arrives with the worker's traceback in its text; of that
-    only the project error's own message (from ``fasa_seesaw....Error:`` to the end) is for the
-    user.
+    in a process of detectron2's launch arrives with the worker's traceback in its text; when
+    that traceback ends with a project error (``fasa_seesaw....Error:``), only its message is
+    for the user. A traceback that ends with any other error is left whole, even if a project
+    error was being handled when it was raised.
     """
     text = str(e)
-    found = list(re.finditer(r"^fasa_seesaw\.[\w.]*Error: ", text, flags=re.M))
+    # The exception a traceback ends with is the first unindented line after its last
+    # "Traceback (most recent call last):" (earlier ones belong to chained exceptions).
+    last = text.rsplit("Traceback (most recent call last):", 1)[-1]
+    raised = re.search(r"^(?=\S)(.*)$", last.lstrip("\n"), flags=re.M)
+    found = raised and re.match(r"fasa_seesaw\.[\w.]*Error: ", raised.group(1))
     if not found:
         return text
-    return text[found[-1].end() :].strip()
+    return last.lstrip("\n")[raised.start() + found.end() :].strip()
 
 
 def is_project_error(e: BaseException) -> bool:

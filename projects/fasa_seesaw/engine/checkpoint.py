@@ -13,9 +13,11 @@ Checkpoints that survive a crash, and loading that says what is wrong.
 """
 
 import errno
+import importlib
 import logging
 import os
 import pickle
+import re
 import zipfile
 from typing import List, Optional
 from urllib.parse import urlparse
@@ -123,7 +125,6 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {path}")
         try:
             atomic_write(path, lambda f: torch.save(data, f))
-            self.tag_last_checkpoint(basename)
         except (OSError, RuntimeError) as e:
             if _is_disk_full(e):
                 raise CheckpointError(
@@ -132,6 +133,15 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
                     "OUTPUT_DIR to a larger disk) and continue with --resume."
                 ) from None
             raise CheckpointError(f"could not write {path}: {e}") from None
+        try:
+            self.tag_last_checkpoint(basename)
+        except (OSError, RuntimeError) as e:
+            why = "the disk is full" if _is_disk_full(e) else str(e)
+            raise CheckpointError(
+                f"{path} was written, but last_checkpoint could not be updated ({why}); it still "
+                "names the checkpoint before, which is intact. Free space (or move OUTPUT_DIR to "
+                "a larger disk) and continue with --resume."
+            ) from None
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._local():
@@ -152,12 +162,10 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         try:
             return super()._torch_load(f)
         except pickle.UnpicklingError as e:
-            with open(f, "rb") as fh:
-                pickled = fh.read(1) == b"\x80"  # torch's legacy format starts as a pickle
-            if zipfile.is_zipfile(f) or pickled:
-                raise  # a checkpoint with objects weights_only refuses: the caller decides
+            if _refuses_an_object(e):
+                raise  # a whole checkpoint with objects weights_only refuses: the caller decides
             error = e
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        except Exception as e:  # noqa: B902  (EOF, struct, index errors...: a damaged file)
             error = e
         size = os.path.getsize(f) if os.path.isfile(f) else 0
         why = (str(error).splitlines() or [type(error).__name__])[0]
@@ -170,6 +178,22 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         self.incompatible = super()._load_model(checkpoint)
         return self.incompatible
+
+
+def _refuses_an_object(e: pickle.UnpicklingError) -> bool:
+    """
+    Whether weights_only refused a class or function the file really names (a checkpoint that
+    holds Python objects), rather than tripping on a damaged file: a file cut short names
+    globals that do not exist ("torch._utils._reb"), or fails in other ways.
+    """
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if not found:
+        return False
+    module, _, attr = found.group(1).rpartition(".")
+    try:
+        return bool(module) and hasattr(importlib.import_module(module), attr)
+    except Exception:  # noqa: B902  (not importable: a name cut short)
+        return False
 
 
 def training_state_keys(model: torch.nn.Module) -> List[str]:
@@ -306,7 +330,7 @@ def check_resume_files(output_dir: str, clean: bool = True) -> Optional[str]:
     found = sorted(n for n in os.listdir(output_dir) if n.endswith(".pth"))
     fix = (
         f"Write the name of a complete checkpoint of this run into {tag} (found: "
-        f"{', '.join(found) or 'none'}), or delete it to start from MODEL.WEIGHTS."
+        f"{', '.join(found) or 'none'}), or start again in another OUTPUT_DIR."
     )
     if not name:
         raise CheckpointError(f"{tag} is empty, so --resume does not know where to go on. {fix}")

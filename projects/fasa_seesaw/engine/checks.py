@@ -149,22 +149,30 @@ def check_output_dir(cfg, *, resume: bool):
         ) from None
     if resume and os.path.exists(os.path.join(out, "last_checkpoint")):
         return
+    # Any checkpoint: a periodic one (model_0000999.pth) of a run whose last_checkpoint is gone
+    # would be overwritten by the new run's as surely as model_final.pth.
     existing = [
         f for f in ("model_final.pth", "last_checkpoint") if os.path.exists(os.path.join(out, f))
-    ]
+    ] + sorted(f for f in os.listdir(out) if f.endswith(".pth") and f != "model_final.pth")
     if existing and resume:  # model_final.pth without a last_checkpoint to name it
         raise ConfigError(
-            f"--resume found no last_checkpoint in OUTPUT_DIR '{out}', but {existing[0]} is "
-            "there. To continue from it, write its name into OUTPUT_DIR/last_checkpoint; to "
+            f"--resume found no last_checkpoint in OUTPUT_DIR '{out}', but {_names(existing)} "
+            "is there. To continue from one, write its name into OUTPUT_DIR/last_checkpoint; to "
             "start again, choose another OUTPUT_DIR. Nothing was overwritten."
         )
     if existing:
         raise ConfigError(
-            f"OUTPUT_DIR '{out}' already holds {', '.join(existing)} from an earlier "
+            f"OUTPUT_DIR '{out}' already holds {_names(existing)} from an earlier "
             "run. Pass --resume to continue that run, or choose another OUTPUT_DIR "
             "(e.g. append `OUTPUT_DIR output/new_run` to the command); nothing was overwritten."
         )
     set_aside_records(out)
+
+
+def _names(files, shown=3):
+    """'a, b, c and 4 more'."""
+    more = len(files) - shown
+    return ", ".join(files[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 # Files detectron2 and the project append to during training.
@@ -182,5 +190,8 @@ def set_aside_records(out: str) -> None:
             new, n = os.path.join(out, f"{stem}.earlier-{stamp}{ext}"), 1
             while os.path.exists(new):  # never over an earlier set-aside of the same second
                 new, n = os.path.join(out, f"{stem}.earlier-{stamp}-{n}{ext}"), n + 1
-            os.replace(path, new)
+            try:
+                os.replace(path, new)
+            except FileNotFoundError:  # another machine on a shared folder set it aside first
+                continue
             logger.warning("%s holds an earlier run's records: renamed %s.", path, new)

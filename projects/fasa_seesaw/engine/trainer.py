@@ -132,9 +132,18 @@ class Trainer(DefaultTrainer):
         """
         A run that stopped while writing model_final.pth resumes at MAX_ITER from the periodic
         checkpoint of the last iteration, which holds the same state: write model_final.pth
-        again from it unless a complete one of that iteration is there.
+        again from it unless a complete one of that iteration is there. A checkpoint of a later
+        iteration (a run extended, then resumed with the shorter schedule) writes nothing.
         """
         path = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if self.iter != self.max_iter - 1:  # a checkpoint from past MAX_ITER: not this run's end
+            logger.warning(
+                "The last checkpoint is at iteration %d, past SOLVER.MAX_ITER %d: nothing is "
+                "trained and model_final.pth is left as it is.",
+                self.iter,
+                self.max_iter,
+            )
+            return
         if not self.checkpointer.save_to_disk or final_iteration(path) == self.iter:
             return
         logger.info("model_final.pth is missing or older than iteration %d: writing it.", self.iter)
