@@ -15,7 +15,6 @@ import sys
 import time
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -24,8 +23,12 @@ from detectron2.utils.logger import setup_logger
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.config import merge_config
 from fasa_seesaw.data import DATASET_ARG_HELP, register_dataset_args
-from fasa_seesaw.engine import Trainer, check_config, check_output_dir, check_test_datasets
+from fasa_seesaw.data.check import check_data
+from fasa_seesaw.engine import Trainer, check_config, check_datasets, check_output_dir
+from fasa_seesaw.engine.checkpoint import check_resume_files, check_weights_file, load_for_eval
 from fasa_seesaw.engine.fasa_hook import configure_fasa_heldout
+from fasa_seesaw.engine.settings import check_settings
+from fasa_seesaw.errors import is_project_error, user_message
 from fasa_seesaw.evaluation.report import print_summary
 
 
@@ -34,6 +37,7 @@ def setup(args):
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
+    check_settings(cfg)  # before the held-out carve reads its fraction and seed
     configure_fasa_heldout(cfg)
     cfg.freeze()
     return cfg
@@ -47,9 +51,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_for_eval(model, cfg.MODEL.WEIGHTS, allow_untrained=args.eval_untrained)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -77,9 +79,14 @@ def preflight(args):
             hint = " Floating-point keys need a decimal point (e.g. MODEL.SEESAW.Q 0.0)."
         raise ConfigError(f"the config could not be applied: {e}.{hint}") from None
     check_config(cfg)
-    check_test_datasets(cfg)
-    if not args.eval_only:
+    if args.eval_only:
+        check_datasets(cfg, train=False)
+        return cfg
+    check_datasets(cfg)
+    if not args.check_data:
         check_output_dir(cfg, resume=args.resume)
+        if args.resume:
+            check_resume_files(cfg.OUTPUT_DIR, clean=False)
     return cfg
 
 
@@ -92,6 +99,16 @@ def argument_parser():
         metavar="NAME=JSON:IMAGE_ROOT",
         help=DATASET_ARG_HELP,
     )
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="open and decode every image of DATASETS.TRAIN and DATASETS.TEST, report, and exit",
+    )
+    parser.add_argument(
+        "--eval-untrained",
+        action="store_true",
+        help="with --eval-only and an empty MODEL.WEIGHTS: evaluate the untrained model",
+    )
     return parser
 
 
@@ -99,7 +116,14 @@ if __name__ == "__main__":
     args = argument_parser().parse_args()
     try:
         cfg = preflight(args)
+        if args.check_data:
+            sys.exit(check_data(cfg))
         if args.eval_only:
+            last = check_resume_files(cfg.OUTPUT_DIR, clean=False) if args.resume else None
+            if last:  # --resume: the checkpoint the training folder's last_checkpoint names
+                print(f"--eval-only --resume: evaluating {last} (OUTPUT_DIR/last_checkpoint)")
+                args.opts += ["MODEL.WEIGHTS", last]
+            check_weights_file(last or cfg.MODEL.WEIGHTS, allow_untrained=args.eval_untrained)
             # A fresh folder per evaluation, chosen once here for every process: earlier
             # results and the training run's config.yaml are never overwritten.
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -112,5 +136,7 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except Exception as e:  # noqa: B902 (a project error from any process is one message)
+        if not is_project_error(e):
+            raise
+        sys.exit(f"error: {user_message(e)}")

@@ -150,6 +150,8 @@ class TestConfigs(unittest.TestCase):
             ("seesaw", "seesaw_heldout"): {"FASA_SEESAW.HOLD_OUT_FASA_SPLIT": True},
             ("fasa", "fasa_static"): {"MODEL.FASA.ADAPT.ENABLED": False},
             ("fasa_seesaw", "fasa_seesaw_static"): {"MODEL.FASA.ADAPT.ENABLED": False},
+            ("fasa_seesaw", "fasa_seesaw_uniform"): {"MODEL.FASA.INIT_PROBS": "uniform"},
+            ("fasa_seesaw", "fasa_seesaw_light"): {"MODEL.FASA.LOSS_WEIGHT": 0.02},
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):

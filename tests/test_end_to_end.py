@@ -93,16 +93,35 @@ class TestEndToEnd(unittest.TestCase):
         self.assertTrue(os.path.isdir(os.path.join(os.environ["FASA_SEESAW_DATA"], "smoke")))
 
     def test_eval_only_reproduces_metrics(self):
+        # --eval-only --resume in the training folder: the checkpoint last_checkpoint names
+        # (model_final.pth), not MODEL.WEIGHTS (empty here), evaluated into a fresh subfolder.
         self.assertEqual(self.train.returncode, 0)
-        weights = os.path.join(self.out, "model_final.pth")
         r = run_train_net(
-            ["--config-file", CONFIG, "--eval-only"]
+            ["--config-file", CONFIG, "--eval-only", "--resume"]
             + SMOKE_OPTS
-            + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", os.path.join(self.tmp, "eval")],
+            + ["MODEL.WEIGHTS", "", "OUTPUT_DIR", self.out],
             self.env,
         )
         self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        final = os.path.join(self.out, "model_final.pth")
+        self.assertIn(f"--eval-only --resume: evaluating {final}", r.stdout)
         self.assertEqual(summary(r.stdout), summary(self.train.stdout))
+
+    def test_eval_only_refuses_weights_that_do_not_fit_and_no_weights(self):
+        self.assertEqual(self.train.returncode, 0)
+        weights = os.path.join(self.out, "model_final.pth")
+        ce = os.path.join(ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_ce_quickstart.yaml")
+        out = ["OUTPUT_DIR", os.path.join(self.tmp, "refused")]
+        for config, opts, words in (
+            (ce, ["MODEL.WEIGHTS", weights], "cls_score.weight: checkpoint (14, 256), model (13"),
+            (CONFIG, ["MODEL.WEIGHTS", ""], "--eval-untrained"),
+        ):
+            r = run_train_net(
+                ["--config-file", config, "--eval-only"] + SMOKE_OPTS + opts + out, self.env
+            )
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn(words, r.stderr)
+            self.assertNotIn("Traceback", r.stderr)
 
     def test_top_k_per_class_inference(self):
         """The bounded top-K-per-class mode keeps exactly what an uncapped run capped per class

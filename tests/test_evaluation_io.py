@@ -1,8 +1,7 @@
 # Copyright (c) fasa_seesaw contributors.
 """
 The evaluation layer's inputs and outputs: one-line errors for bad results and ground truth
-(also from tools/evaluate_lvis.py, which never overwrites), the TEST.LVIS checks, and the
-per-category CSV.
+(also from tools/evaluate_lvis.py, which never overwrites) and the per-category CSV.
 """
 
 import copy
@@ -56,6 +55,28 @@ class TestBadInput(unittest.TestCase):
         del no_freq["categories"][0]["frequency"]
         self.check(self.dets, "bbox", "frequency", gt=no_freq, exc=ValueError)
 
+    def test_malformed_fields_are_named(self):
+        for field, value, words in (
+            ("score", "0.9", "score '0.9' is not a number"),
+            ("score", None, "score None is not a number"),
+            ("bbox", [1.0, 2.0, 3.0], "bbox [1.0, 2.0, 3.0] is not 4 numbers"),
+            ("bbox", [1.0, 2.0, "3", 4.0], "is not 4 numbers"),
+            ("image_id", "1", "image_id '1' is not an integer"),
+        ):
+            with self.subTest(field=field, value=value):
+                d = copy.deepcopy(self.dets)
+                d[1][field] = value
+                self.check(d, "bbox", "1 of", "malformed", "index 1", words)
+
+    def test_ground_truth_without_the_federated_lists_is_refused(self):
+        # As train_net.py refuses it, rather than guessing the lists (empty ones ignore every
+        # detection of a category absent from an image).
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            with self.subTest(key=key):
+                gt = copy.deepcopy(self.gt)
+                del gt["images"][0][key]
+                self.check(self.dets, "bbox", "1 images lack", "add_frequency", gt=gt)
+
     @pytest.mark.slow  # subprocesses
     def test_command_line(self):
         with tempfile.TemporaryDirectory() as d:
@@ -86,40 +107,6 @@ class TestBadInput(unittest.TestCase):
             p = subprocess.run(cmd + [res_path, "--out", out], capture_output=True, text=True)
             self.assertEqual(p.returncode, 0)
             self.assertTrue(os.path.exists(os.path.join(out, "lvis_metrics.1.json")))
-
-
-class TestEvalConfig(unittest.TestCase):
-    def test_bad_eval_settings_are_refused_before_training(self):
-        from detectron2.config import get_cfg
-
-        from fasa_seesaw import add_fasa_seesaw_config
-        from fasa_seesaw.engine.checks import check_eval
-        from fasa_seesaw.errors import ConfigError
-
-        cfg = get_cfg()
-        add_fasa_seesaw_config(cfg)
-        check_eval(cfg.TEST.LVIS)  # defaults are fine
-        for key, value, words in (
-            ("ENGINE", "fast", "ENGINE"),
-            ("EXTRAS", ["fixed", "tidy"], "tidy"),
-            ("FIXED_K", 0, "FIXED_K"),
-            ("TOPK_PER_CLASS", 10, "below FIXED_K"),
-            ("TOPK_MAX_PER_IMAGE", 0, "TOPK_MAX_PER_IMAGE"),
-        ):
-            c = cfg.clone()
-            c.TEST.LVIS[key] = value
-            with self.assertRaises(ConfigError) as cm:
-                check_eval(c.TEST.LVIS)
-            self.assertIn(words, str(cm.exception))
-            self.assertIn(f"TEST.LVIS.{key}", str(cm.exception))
-        # Several problems: the first is reported, by itself.
-        c = cfg.clone()
-        c.TEST.LVIS.ENGINE = "fast"
-        c.TEST.LVIS.FIXED_K = 0
-        with self.assertRaises(ConfigError) as cm:
-            check_eval(c.TEST.LVIS)
-        self.assertIn("TEST.LVIS.ENGINE 'fast' is unknown; use one of", str(cm.exception))
-        self.assertNotIn("FIXED_K", str(cm.exception))
 
 
 class TestPerCategoryCsv(unittest.TestCase):

@@ -1,7 +1,9 @@
 # Copyright (c) fasa_seesaw contributors.
 """
-Two gloo processes, each with its own shard of training RoIs and held-out RoIs, end with the
-same FASA banks and probabilities as one process fed the union.
+Two processes, each with its own shard of training RoIs and held-out RoIs, end with the same
+FASA banks and probabilities as one process fed the union: on the CPU with gloo, and (on a
+machine with CUDA, as dev/device_check.sh runs them) with the state on the GPU, all-reduced by
+gloo on one GPU and by NCCL across two.
 """
 
 import os
@@ -35,7 +37,8 @@ class TinyModel(nn.Module):
     def forward(self, batch):
         x, gt = batch
         inst = Instances((32, 32))
-        inst.proposal_boxes = Boxes(torch.tensor([[1.0, 1.0, 20.0, 20.0]]).repeat(len(gt), 1))
+        box = torch.tensor([[1.0, 1.0, 20.0, 20.0]], device=x.device)
+        inst.proposal_boxes = Boxes(box.repeat(len(gt), 1))
         inst.gt_boxes = inst.proposal_boxes
         inst.gt_classes = gt
         return self.pred.losses(self.pred(x), [inst])
@@ -51,24 +54,28 @@ def shard_data(seed, n_batches=4, n=10):
     return out
 
 
-def run(model, train_batches, held_batches, n_passes=2):
+def run(model, train_batches, held_batches, n_passes=2, device="cpu"):
     hook = FASAAdaptationHook(None, "unused", period=1, clustering="none")
     hook._loader = held_batches
     with EventStorage(0) as storage:
         hook.trainer = type("T", (), {"model": model, "storage": storage})()
         for p in range(n_passes):
-            for batch in train_batches[p::n_passes]:
-                model(batch)
+            for x, gt in train_batches[p::n_passes]:
+                model((x.to(device), gt.to(device)))
             hook.adapt()
-    return model.pred.fasa.bank.state_dict(), model.pred.fasa.probs.clone()
+    bank = {k: v.cpu() for k, v in model.pred.fasa.bank.state_dict().items()}
+    return bank, model.pred.fasa.probs.cpu().clone()
 
 
-def _worker(rank, world, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank, world, init_file, out, backend="gloo", gpus=0):
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = f"cuda:{rank % gpus}" if gpus else "cpu"
+    if gpus:
+        torch.cuda.set_device(device)
     try:
         train = [(x[rank::2], gt[rank::2]) for x, gt in shard_data(1)]
-        held = [(x[rank::2], gt[rank::2]) for x, gt in shard_data(2)]
-        bank, probs = run(TinyModel(), train, held)
+        held = [(x[rank::2].to(device), gt[rank::2].to(device)) for x, gt in shard_data(2)]
+        bank, probs = run(TinyModel().to(device), train, held, device=device)
         torch.save({"bank": bank, "probs": probs}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -76,9 +83,21 @@ def _worker(rank, world, init_file, out):
 
 class TestFASADistributed(unittest.TestCase):
     def test_two_processes_equal_one_process_on_union(self):
+        self.check_two_processes("gloo", gpus=0)
+
+    @unittest.skipIf(not torch.cuda.is_available(), "no CUDA device")
+    def test_cuda_state_all_reduced_by_gloo(self):
+        self.check_two_processes("gloo", gpus=1)  # both processes on one GPU
+
+    @unittest.skipIf(torch.cuda.device_count() < 2, "NCCL needs a GPU per process: 2 GPUs")
+    def test_cuda_state_all_reduced_by_nccl(self):
+        self.check_two_processes("nccl", gpus=2)
+
+    def check_two_processes(self, backend, gpus):
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "state")
-            spawn_gloo(_worker, (2, os.path.join(d, "init"), out), 2, os.path.join(d, "init"))
+            init = os.path.join(d, "init")
+            spawn_gloo(_worker, (2, init, out, backend, gpus), 2, init)
             states = [torch.load(f"{out}.{r}") for r in range(2)]
         bank, probs = run(TinyModel(), shard_data(1), shard_data(2))
         inv = 1.0 / torch.tensor(COUNTS, dtype=torch.float64)

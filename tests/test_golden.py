@@ -291,7 +291,7 @@ class TestGolden(unittest.TestCase):
                 saved = torch.load(path, map_location="cpu", weights_only=False)["model"]
                 fresh.load_state_dict(saved, strict=True)  # raises on a missing/unexpected key
                 fresh = build_model(cfg)
-                DetectionCheckpointer(fresh).load(path)  # the path train_net.py --eval-only takes
+                DetectionCheckpointer(fresh).load(path)  # detectron2's own loading
                 for k, v in fresh.state_dict().items():
                     self.assertTrue(torch.equal(v, state[k]), k)
                 with single_thread():

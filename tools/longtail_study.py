@@ -72,6 +72,8 @@ MATRIX = OrderedDict(
         ("fasa_classwise", "mask_rcnn_R_18_FPN_fasa_classwise_study.yaml"),
         ("fasa_static", "mask_rcnn_R_18_FPN_fasa_static_study.yaml"),
         ("fasa_seesaw_static", "mask_rcnn_R_18_FPN_fasa_seesaw_static_study.yaml"),
+        ("fasa_seesaw_uniform", "mask_rcnn_R_18_FPN_fasa_seesaw_uniform_study.yaml"),
+        ("fasa_seesaw_light", "mask_rcnn_R_18_FPN_fasa_seesaw_light_study.yaml"),
         ("fasa_rfs", "mask_rcnn_R_18_FPN_fasa_rfs_study.yaml"),
     ]
 )
@@ -82,6 +84,7 @@ GROUPS = OrderedDict(
         ("controls", ["ce_heldout", "seesaw_heldout"]),
         ("ablations", ["fasa_uniform", "fasa_metric", "fasa_affinity", "fasa_classwise"]),
         ("diagnosis", ["fasa_static", "fasa_seesaw_static"]),
+        ("interplay", ["fasa_seesaw_uniform", "fasa_seesaw_light"]),
         ("all", list(MATRIX)),
     ]
 )

@@ -311,22 +311,14 @@ def select_images(dataset_dicts: Sequence[dict], image_ids: Sequence[str]) -> Li
 
 def load_weights(model, path: str) -> None:
     """
-    DetectionCheckpointer(model).load(path); checkpoints of this project written before the
-    FASA hook stored tensors hold numpy arrays in their trainer state, which torch.load's
-    weights_only default refuses: those (our own files) are read with weights_only=False.
+    The trained weights, refused (with the shapes that differ) when they do not fit the model
+    the config builds. Checkpoints of this project written before the FASA hook stored tensors
+    hold numpy arrays in their trainer state, which torch.load's weights_only default refuses:
+    those (our own files) are read with weights_only=False.
     """
-    import pickle
+    from fasa_seesaw.engine.checkpoint import load_for_eval
 
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    checkpointer = DetectionCheckpointer(model)
-    try:
-        checkpointer.load(path)
-    except pickle.UnpicklingError:
-        print(
-            f"note: {path} needs weights_only=False (numpy in its trainer state)", file=sys.stderr
-        )
-        checkpointer._load_model(torch.load(path, map_location="cpu", weights_only=False))
+    load_for_eval(model, path, allow_pickle=True)
 
 
 def _predictor(cfg):
@@ -476,7 +468,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return args.func(args)
-    except ToolError as e:
+    except (ToolError, ConfigError) as e:  # ConfigError: e.g. weights that do not fit the config
         sys.exit(f"error: {e}")
 
 

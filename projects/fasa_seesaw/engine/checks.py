@@ -1,28 +1,43 @@
 # Copyright (c) fasa_seesaw contributors.
-"""Pre-flight checks that turn common mistakes into one clear message before any model is built."""
+"""
+Pre-flight checks that turn common mistakes into one clear message before any model is built:
+every project key against its domain (:mod:`.settings`), then the keys that must agree.
+"""
 
+import logging
 import os
+import tempfile
+import time
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
-from ..errors import ConfigError, check_choice, check_range
+from ..errors import ConfigError
 from ..modeling.cls_losses import resolve_cls_loss
-from ..modeling.fasa_feature_bank import check_bank_settings
-from ..modeling.fasa_sampling import INIT_PROBS
-from ..modeling.seesaw_loss import check_seesaw_params
+from .settings import check_settings
 
-__all__ = ["check_config", "check_output_dir", "check_test_datasets"]
+__all__ = ["check_config", "check_datasets", "check_output_dir", "check_test_datasets"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_config(cfg):
     """Raise ConfigError naming the problem and the fix; returns None when all is well."""
+    check_settings(cfg)
+    check_schedule(cfg.SOLVER)
     check_model(cfg)
-    if cfg.MODEL.FASA.ENABLED:
-        check_fasa(cfg.MODEL.FASA)
-    check_eval(cfg.TEST.LVIS)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
         check_num_classes(cfg)
+
+
+def check_schedule(solver):
+    """An LR step at MAX_ITER passes detectron2's filter (it drops steps beyond MAX_ITER) and
+    then fails deep inside fvcore's scheduler."""
+    if solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and solver.MAX_ITER in tuple(solver.STEPS):
+        raise ConfigError(
+            f"SOLVER.STEPS {tuple(solver.STEPS)} has a step at SOLVER.MAX_ITER {solver.MAX_ITER}, "
+            "where training ends: move it below MAX_ITER or remove it."
+        )
 
 
 def check_model(cfg):
@@ -49,63 +64,12 @@ def check_model(cfg):
         if extras:
             raise project_predictor_error(extras, f"MODEL.ROI_HEADS.NAME is {head!r}")
         return
-    if resolve_cls_loss(cfg) == "seesaw":
-        check_seesaw_params(cfg.MODEL.SEESAW.P, cfg.MODEL.SEESAW.Q, cfg.MODEL.SEESAW.EPS)
+    resolve_cls_loss(cfg)  # CLS_LOSS against USE_SIGMOID_CE / USE_FED_LOSS
     if cfg.MODEL.FASA.ENABLED and cfg.MODEL.ROI_BOX_HEAD.NUM_FC < 1:
         raise ConfigError(
             "FASA models the box head's last fully-connected feature, but "
             "MODEL.ROI_BOX_HEAD.NUM_FC is 0 (the head outputs a conv map). Set NUM_FC >= 1, "
             "or MODEL.FASA.ENABLED False."
-        )
-
-
-def check_eval(e):
-    """TEST.LVIS, checked before training rather than at the first evaluation."""
-    from ..evaluation.lvis_engines import ENGINES
-    from ..evaluation.report import EXTRAS
-
-    check_choice("TEST.LVIS.ENGINE", e.ENGINE, ENGINES)
-    bad = [x for x in e.EXTRAS if x not in EXTRAS]
-    if bad:
-        raise ConfigError(f"TEST.LVIS.EXTRAS has unknown {bad}: choose from {list(EXTRAS)}.")
-    if e.FIXED_K <= 0:
-        raise ConfigError(f"TEST.LVIS.FIXED_K must be positive, got {e.FIXED_K}.")
-    if 0 < e.TOPK_PER_CLASS < e.FIXED_K:
-        raise ConfigError(
-            f"TEST.LVIS.TOPK_PER_CLASS ({e.TOPK_PER_CLASS}) is below FIXED_K ({e.FIXED_K}): "
-            "every class would count as having fewer than K; make them equal."
-        )
-    if e.TOPK_MAX_PER_IMAGE == 0 or e.TOPK_MAX_PER_IMAGE < -1:
-        raise ConfigError("TEST.LVIS.TOPK_MAX_PER_IMAGE must be positive or -1 (no cap).")
-
-
-def check_fasa(c):
-    """MODEL.FASA, with the validators the modules themselves use."""
-    from .fasa_hook import check_adapt_settings
-
-    check_bank_settings(c.BANK_MODE, c.BANK_MOMENTUM, c.BANK_VARIANCE)
-    check_choice("MODEL.FASA.INIT_PROBS", c.INIT_PROBS, INIT_PROBS)
-    if c.SAMPLES_PER_CLASS < 1:
-        raise ConfigError(f"MODEL.FASA.SAMPLES_PER_CLASS must be >= 1, got {c.SAMPLES_PER_CLASS}.")
-    if c.LOSS_WEIGHT < 0:
-        raise ConfigError(f"MODEL.FASA.LOSS_WEIGHT must be >= 0, got {c.LOSS_WEIGHT}.")
-    a = c.ADAPT
-    check_adapt_settings(a.CLUSTERING, a.GROUP_SIGNAL)
-    check_choice("MODEL.FASA.ADAPT.SIGNAL", a.SIGNAL, ("loss", "metric"))
-    if a.BANDWIDTH < 0 or (a.BANDWIDTH == 0 and not 0.0 < a.BANDWIDTH_QUANTILE <= 1.0):
-        raise ConfigError(
-            "MODEL.FASA.ADAPT.BANDWIDTH must be > 0 (fixed) or 0 with BANDWIDTH_QUANTILE in "
-            f"(0, 1]; got {a.BANDWIDTH} and {a.BANDWIDTH_QUANTILE}."
-        )
-    check_range("MODEL.FASA.ADAPT.AFFINITY_DAMPING", a.AFFINITY_DAMPING, 0.5, 1.0, high_open=True)
-    if not a.HELDOUT_DATASET:
-        check_range(
-            "MODEL.FASA.ADAPT.HELDOUT_FRACTION",
-            a.HELDOUT_FRACTION,
-            0.0,
-            1.0,
-            low_open=True,
-            high_open=True,
         )
 
 
@@ -119,6 +83,32 @@ def check_num_classes(cfg):
                 f"{len(classes)} categories. Set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)} "
                 "(on the command line or in the yaml), or use a dataset with that many categories."
             )
+
+
+def check_datasets(cfg, train: bool = True):
+    """Every dataset the config names (only the test ones when not ``train``) is registered, and
+    its json exists or is generated on first use; then the test sets are checked for LVIS."""
+    from ..data.datasets import BUILTIN_DATASETS
+    from ..data.heldout import base_dataset
+
+    splits = (("DATASETS.TRAIN", cfg.DATASETS.TRAIN),) if train else ()
+    for key, names in splits + (("DATASETS.TEST", cfg.DATASETS.TEST),):
+        for name in names:
+            if name not in DatasetCatalog.list():
+                raise ConfigError(
+                    f"{key} names '{name}', which is not a registered dataset. Register an "
+                    "LVIS-format json with --dataset NAME=JSON:IMAGE_ROOT, or use a built-in one "
+                    f"(e.g. {', '.join(sorted(BUILTIN_DATASETS)[:3])}, lvis_v1_train)."
+                )
+            json_file = MetadataCatalog.get(name).get("json_file", None)
+            generated = base_dataset(name) in BUILTIN_DATASETS  # written on first use
+            if json_file and not generated and not os.path.isfile(json_file):
+                raise ConfigError(
+                    f"{key}: the json of dataset '{name}', {json_file}, does not exist. For "
+                    "detectron2's datasets set $DETECTRON2_DATASETS to the folder that holds them "
+                    "(see detectron2's datasets/README.md); else register the json with --dataset."
+                )
+    check_test_datasets(cfg)
 
 
 def check_test_datasets(cfg):
@@ -140,17 +130,68 @@ def check_test_datasets(cfg):
 
 
 def check_output_dir(cfg, *, resume: bool):
-    """Refuse to train over someone's checkpoints unless asked to resume them."""
-    if resume:
+    """
+    OUTPUT_DIR is a writable folder; training refuses to overwrite someone's checkpoints unless
+    asked to resume them, and the records of an earlier run that never wrote a checkpoint are
+    set aside (renamed), so the new run's records are not appended to them.
+    """
+    out = cfg.OUTPUT_DIR
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"OUTPUT_DIR '{out}' is a file, not a folder; choose another OUTPUT_DIR.")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"OUTPUT_DIR '{out}' cannot be written ({e.strerror or e}); choose another OUTPUT_DIR "
+            "(e.g. append `OUTPUT_DIR output/new_run` to the command)."
+        ) from None
+    if resume and os.path.exists(os.path.join(out, "last_checkpoint")):
         return
+    # Any checkpoint: a periodic one (model_0000999.pth) of a run whose last_checkpoint is gone
+    # would be overwritten by the new run's as surely as model_final.pth.
     existing = [
-        f
-        for f in ("model_final.pth", "last_checkpoint")
-        if os.path.exists(os.path.join(cfg.OUTPUT_DIR, f))
-    ]
+        f for f in ("model_final.pth", "last_checkpoint") if os.path.exists(os.path.join(out, f))
+    ] + sorted(f for f in os.listdir(out) if f.endswith(".pth") and f != "model_final.pth")
+    if existing and resume:  # model_final.pth without a last_checkpoint to name it
+        raise ConfigError(
+            f"--resume found no last_checkpoint in OUTPUT_DIR '{out}', but {_names(existing)} "
+            "is there. To continue from one, write its name into OUTPUT_DIR/last_checkpoint; to "
+            "start again, choose another OUTPUT_DIR. Nothing was overwritten."
+        )
     if existing:
         raise ConfigError(
-            f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds {', '.join(existing)} from an earlier "
+            f"OUTPUT_DIR '{out}' already holds {_names(existing)} from an earlier "
             "run. Pass --resume to continue that run, or choose another OUTPUT_DIR "
             "(e.g. append `OUTPUT_DIR output/new_run` to the command); nothing was overwritten."
         )
+    set_aside_records(out)
+
+
+def _names(files, shown=3):
+    """'a, b, c and 4 more'."""
+    more = len(files) - shown
+    return ", ".join(files[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+# Files detectron2 and the project append to during training.
+RUN_RECORDS = ("metrics.json", "fasa_adaptation.jsonl")
+
+
+def set_aside_records(out: str) -> None:
+    """Rename the appended-to records of an earlier run in ``out`` (``metrics.json`` becomes
+    ``metrics.earlier-<date-time>.json``), so a run that starts from iteration 0 writes its own."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in RUN_RECORDS:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            stem, ext = os.path.splitext(name)
+            new, n = os.path.join(out, f"{stem}.earlier-{stamp}{ext}"), 1
+            while os.path.exists(new):  # never over an earlier set-aside of the same second
+                new, n = os.path.join(out, f"{stem}.earlier-{stamp}-{n}{ext}"), n + 1
+            try:
+                os.replace(path, new)
+            except FileNotFoundError:  # another machine on a shared folder set it aside first
+                continue
+            logger.warning("%s holds an earlier run's records: renamed %s.", path, new)

@@ -5,6 +5,8 @@ top-K-per-class inference, a training data stream that resumes where it stopped,
 project's hooks (FASA adaptation, gradient statistics, random-state checkpoints, progress).
 """
 
+import contextlib
+import logging
 import os
 from collections import OrderedDict
 import torch
@@ -19,16 +21,24 @@ from ..data import prepare_datasets
 from ..data.counts import epoch_iterations
 from ..data.heldout import base_dataset
 from ..data.resumable import resumable_training_dataset
+from ..errors import ConfigError, user_message
 from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
 from ..evaluation.topk_inference import per_class_score_floor
+from .checkpoint import CrashSafeCheckpointer, check_resume_files, final_iteration
 from .fasa_hook import FASAAdaptationHook
 from .grad_stats import build_grad_stats_hook
 from .hooks import ProgressHook, RNGStateHook
 
 __all__ = ["Trainer"]
 
+logger = logging.getLogger(__name__)
+
 
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        with _ddp_on_the_model_device():
+            super().__init__(cfg)
+
     @property
     def last_eval_results(self):
         """The results of the last evaluation during training (None if there was none)."""
@@ -70,7 +80,11 @@ class Trainer(DefaultTrainer):
         # the data stream exactly where the run stopped (fasa_seesaw.data.resumable).
         args = build_detection_train_loader.from_config(cfg)
         dataset, positions = resumable_training_dataset(
-            args["dataset"], args["mapper"], args["sampler"], seed=cfg.SEED
+            args["dataset"],
+            args["mapper"],
+            args["sampler"],
+            seed=cfg.SEED,
+            names=cfg.DATASETS.TRAIN,
         )
         loader = build_detection_train_loader(
             dataset=dataset,
@@ -84,15 +98,56 @@ class Trainer(DefaultTrainer):
             seed=cfg.SEED if cfg.SEED >= 0 else 0,
         )
         loader.data_positions = positions
+        if cfg.DATALOADER.ASPECT_RATIO_GROUPING:  # the orientations a resume replays groups from
+            loader.data_wide = [d["width"] > d["height"] for d in args["dataset"]]
         return loader
 
+    def train(self):
+        with _no_traceback_for(ConfigError):
+            return super().train()
+
     def resume_or_load(self, resume=True):
+        if resume:
+            check_resume_files(self.cfg.OUTPUT_DIR, clean=comm.is_main_process())
+        resumed = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
+        shapes = getattr(self.checkpointer.incompatible, "incorrect_shapes", None)
+        if not resumed and shapes:
+            logger.info(
+                "Fine-tuning from MODEL.WEIGHTS: %d tensors of another shape (%s) start from "
+                "their initialisation, as detectron2 does when the classes differ; --eval-only "
+                "refuses such weights.",
+                len(shapes),
+                ", ".join(s[0] for s in shapes[:4]) + (", ..." if len(shapes) > 4 else ""),
+            )
+        if resumed and self.start_iter >= self.max_iter:
+            self._complete_final_checkpoint()
         positions = getattr(self.data_loader, "data_positions", None)
         if positions is not None:
-            positions.start = self.start_iter * (
-                self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            wide = getattr(self.data_loader, "data_wide", None)
+            positions.resume_at_batch(self.start_iter, per_process, wide)
+
+    def _complete_final_checkpoint(self):
+        """
+        A run that stopped while writing model_final.pth resumes at MAX_ITER from the periodic
+        checkpoint of the last iteration, which holds the same state: write model_final.pth
+        again from it unless a complete one of that iteration is there. A checkpoint of a later
+        iteration (a run extended, then resumed with the shorter schedule) writes nothing.
+        """
+        path = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if self.iter != self.max_iter - 1:  # a checkpoint from past MAX_ITER: not this run's end
+            logger.warning(
+                "The last checkpoint is at iteration %d, past SOLVER.MAX_ITER %d: nothing is "
+                "trained and model_final.pth is left as it is.",
+                self.iter,
+                self.max_iter,
             )
+            return
+        if not self.checkpointer.save_to_disk or final_iteration(path) == self.iter:
+            return
+        logger.info("model_final.pth is missing or older than iteration %d: writing it.", self.iter)
+        self.checkpointer.save("model_final", iteration=self.iter)  # as PeriodicCheckpointer
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -100,6 +155,8 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name)
 
     def build_hooks(self):
+        # Atomic checkpoint files: swapped in before detectron2's hooks take the checkpointer.
+        self.checkpointer = CrashSafeCheckpointer.replacing(self.checkpointer)
         hooks = super().build_hooks()
         cfg = self.cfg
         # Stateful hooks run before the checkpointer, so checkpoints hold their state.
@@ -119,12 +176,66 @@ class Trainer(DefaultTrainer):
         grad_stats = build_grad_stats_hook(cfg)
         if grad_stats is not None:
             hooks.insert(_checkpointer_index(hooks), grad_stats)
-        hooks.insert(_checkpointer_index(hooks), RNGStateHook())
+        rng = RNGStateHook(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER)
+        hooks.insert(_checkpointer_index(hooks), rng)
         period = cfg.FASA_SEESAW.PROGRESS_PERIOD
         if period > 0:
             # Before the writer, which is the last hook.
             hooks.insert(len(hooks) - 1, ProgressHook(period, cfg.SOLVER.MAX_ITER))
         return hooks
+
+
+class _DropTraceback(logging.Filter):
+    """Keeps the log line (log.txt says why the run stopped) without the traceback."""
+
+    def __init__(self, kinds):
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record):
+        if record.exc_info and issubclass(record.exc_info[0], self.kinds):
+            record.msg = f"{record.getMessage()} {user_message(record.exc_info[1])}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+@contextlib.contextmanager
+def _no_traceback_for(*kinds):
+    """
+    detectron2's training loop logs every exception with its traceback before re-raising it; a
+    ConfigError (a bad file or setting, found during training) is reported once, as one message,
+    by train_net.py instead.
+    """
+    log = logging.getLogger("detectron2.engine.train_loop")
+    f = _DropTraceback(kinds)
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
+@contextlib.contextmanager
+def _ddp_on_the_model_device():
+    """
+    detectron2's DefaultTrainer wraps the model with create_ddp_model, which hands
+    DistributedDataParallel the process's GPU (device_ids); a model on the CPU (gloo) needs
+    device_ids None. The wrapper is swapped for the trainer's constructor only.
+    """
+    import detectron2.engine.defaults as defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
 
 
 def _checkpointer_index(hooks):

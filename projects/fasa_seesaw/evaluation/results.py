@@ -39,9 +39,8 @@ class EmptyResultsError(EvaluationInputError):
 def load_lvis_gt(gt: Union[str, os.PathLike, dict]) -> dict:
     """
     The ground-truth json as a dict, checked for what evaluation needs: the LVIS keys and a
-    ``frequency`` (r/c/f) for every category (APr/APc/APf need it). Images without the federated
-    lists get empty ones (lvis-api would raise a KeyError deep inside). The caller's dict is not
-    modified.
+    ``frequency`` (r/c/f) for every category (APr/APc/APf need it) and the federated lists on
+    every image (as train_net.py requires them). The caller's dict is not modified.
     """
     where = None
     if not isinstance(gt, dict):
@@ -64,16 +63,20 @@ def load_lvis_gt(gt: Union[str, os.PathLike, dict]) -> dict:
             "counts with `python -m fasa_seesaw.data.add_frequency VAL.json OUT.json "
             "--counts-from TRAIN.json`."
         )
-    data = dict(gt)
-    data["images"] = [
-        dict(
-            img,
-            neg_category_ids=img.get("neg_category_ids", []),
-            not_exhaustive_category_ids=img.get("not_exhaustive_category_ids", []),
-        )
+    no_lists = [
+        img.get("id")
         for img in gt["images"]
+        if "neg_category_ids" not in img or "not_exhaustive_category_ids" not in img
     ]
-    return data
+    if no_lists:
+        raise EvaluationInputError(
+            f"{name}: {len(no_lists)} images lack 'neg_category_ids' / "
+            f"'not_exhaustive_category_ids' (ids {_first(no_lists)}), the federated lists LVIS AP "
+            "reads; train_net.py refuses this json too. Fix: add them with `python -m "
+            "fasa_seesaw.data.add_frequency GT.json OUT.json` (empty lists where unknown: "
+            "detections of a category absent from an image are then ignored, not counted)."
+        )
+    return gt
 
 
 def load_results(path: Union[str, os.PathLike]) -> List[dict]:
@@ -162,6 +165,16 @@ def prepare_results(
             f"evaluation (first: index {missing[0]}, keys {keys}). {hint}"
         )
 
+    for i, r in enumerate(results):
+        problem = _malformed(r, iou_type)
+        if problem:
+            count = sum(1 for r in results if _malformed(r, iou_type))
+            raise EvaluationInputError(
+                f"{count} of {len(results)} detections are malformed (first: index {i}, "
+                f"{problem}). Each needs a numeric 'score', integer 'image_id' and "
+                "'category_id', and for bbox evaluation a 'bbox' of 4 numbers [x, y, width, "
+                "height]."
+            )
     scores = np.array([r["score"] for r in results], dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
@@ -209,6 +222,25 @@ def prepare_results(
     return out
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _malformed(r: dict, iou_type: str) -> Optional[str]:
+    """What is wrong with one detection's fields, or None."""
+    if not _is_number(r["score"]):
+        return f"score {r['score']!r} is not a number"
+    for key in ("image_id", "category_id"):
+        if not isinstance(r[key], (int, np.integer)) or isinstance(r[key], bool):
+            return f"{key} {r[key]!r} is not an integer"
+    box = r.get("bbox") if iou_type == "bbox" else None
+    if iou_type == "bbox" and not (
+        isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(x) for x in box)
+    ):
+        return f"bbox {box!r} is not 4 numbers"
+    return None
+
+
 def _bbox_array(results: List[dict]) -> Optional[np.ndarray]:
     """Box results as an (N, 7) array, or None when some result is malformed (the caller's
     per-result checks then say which)."""
@@ -216,15 +248,17 @@ def _bbox_array(results: List[dict]) -> Optional[np.ndarray]:
         return None
     try:
         cols = [
-            np.array([r["image_id"] for r in results], dtype=np.float64),
-            np.array([r["bbox"] for r in results], dtype=np.float64),
-            np.array([r["score"] for r in results], dtype=np.float64),
-            np.array([r["category_id"] for r in results], dtype=np.float64),
+            np.array([r[k] for r in results]) for k in ("image_id", "bbox", "score", "category_id")
         ]
     except (KeyError, TypeError, ValueError):
         return None
+    # Numbers only (a score or box given as strings would parse): anything else is reported by
+    # the per-result checks.
+    if any(c.dtype.kind not in "iuf" for c in cols) or cols[0].dtype.kind not in "iu":
+        return None
     if cols[1].ndim != 2 or cols[1].shape[1] != 4:
         return None
+    cols = [c.astype(np.float64) for c in cols]
     return np.concatenate([cols[0][:, None], cols[1], cols[2][:, None], cols[3][:, None]], 1)
 
 
