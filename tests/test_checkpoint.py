@@ -154,10 +154,12 @@ class TestEvalRefusesWrongWeights(unittest.TestCase):
                 f.write(data[:cut])
             with self.assertRaisesRegex(CheckpointError, "is not a readable checkpoint", msg=cut):
                 checkpointer._torch_load(path)
-        small["trainer"]["args"] = argparse.Namespace(lr=0.1)
-        torch.save(small, path, _use_new_zipfile_serialization=False)
-        with self.assertRaisesRegex(CheckpointError, "holds Python objects.*trusted source"):
-            load_for_eval(model, path)
+        for obj in (argparse.Namespace(lr=0.1), range(3)):  # a module's class; a builtin
+            for legacy in (True, False):
+                small["trainer"]["args"] = obj
+                torch.save(small, path, _use_new_zipfile_serialization=not legacy)
+                with self.assertRaisesRegex(CheckpointError, "holds Python objects.*trusted"):
+                    load_for_eval(model, path)
 
 
 class TestCheckpointFiles(unittest.TestCase):

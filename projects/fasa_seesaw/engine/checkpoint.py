@@ -162,7 +162,7 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         try:
             return super()._torch_load(f)
         except pickle.UnpicklingError as e:
-            if _refuses_an_object(e):
+            if _refuses_an_object(e, zipped=zipfile.is_zipfile(f)):
                 raise  # a whole checkpoint with objects weights_only refuses: the caller decides
             error = e
         except Exception as e:  # noqa: B902  (EOF, struct, index errors...: a damaged file)
@@ -180,18 +180,21 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         return self.incompatible
 
 
-def _refuses_an_object(e: pickle.UnpicklingError) -> bool:
+def _refuses_an_object(e: pickle.UnpicklingError, zipped: bool) -> bool:
     """
     Whether weights_only refused a class or function the file really names (a checkpoint that
-    holds Python objects), rather than tripping on a damaged file: a file cut short names
-    globals that do not exist ("torch._utils._reb"), or fails in other ways.
+    holds Python objects), rather than tripping on a damaged file. A zip checkpoint is read
+    whole, so any refused global is real; a legacy (pickle) file cut short names globals that
+    do not exist ("torch._utils._reb"). Names without a module are builtins.
     """
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
     if not found:
         return False
+    if zipped:
+        return True
     module, _, attr = found.group(1).rpartition(".")
     try:
-        return bool(module) and hasattr(importlib.import_module(module), attr)
+        return hasattr(importlib.import_module(module or "builtins"), attr)
     except Exception:  # noqa: B902  (not importable: a name cut short)
         return False
 
