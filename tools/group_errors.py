@@ -83,15 +83,17 @@ def group_errors(gt: dict, dets, score: float = 0.3, max_dets: int = 300) -> dic
     not_exhaustive = {
         im["id"]: set(im.get("not_exhaustive_category_ids", [])) for im in gt["images"]
     }
+    from fasa_seesaw.evaluation.caps import cap_per_image
+
     by_image = defaultdict(list)
-    for d in dets:
+    for d in cap_per_image(dets, max_dets):  # lvis-api's per-image cap, before any filter
         if d["category_id"] not in freq:
             raise ToolError(
                 f"a detection has category_id {d['category_id']}, not in the ground truth"
             )
         by_image[d["image_id"]].append(d)
     for image_id, image_dets in by_image.items():
-        image_dets = sorted(image_dets, key=lambda d: -d["score"])[:max_dets]
+        image_dets = sorted(image_dets, key=lambda d: -d["score"])  # matched in score order
         anns = gts.get(image_id, [])
         boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         classes = np.array([a["category_id"] for a in anns], dtype=np.int64)
