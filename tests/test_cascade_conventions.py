@@ -181,5 +181,28 @@ class TestStageLossWeights(unittest.TestCase):
             build_model(_cfg("MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "[1.0, 0.5]"))
 
 
+class TestLVISSeesawCascadeConfigs(unittest.TestCase):
+    def test_the_seesaw_reference_cascade(self):
+        """The Seesaw cascade recipes (and the converted mmdetection ones) use mmdetection's
+        conventions, with its last stage's box weights 1 / target_stds."""
+        lvis = os.path.join(ROOT, "configs/LVISv1-InstanceSegmentation")
+        names = [
+            "cascade_mask_rcnn_R_101_FPN_2x_seesaw_random_lvis_v1.yaml",
+            "cascade_mask_rcnn_R_50_FPN_2x_seesaw_normed_mask_random_lvis_v1.yaml",
+            "mmdet_converted/cascade_mask_rcnn_R_101_FPN_2x_seesaw_rfs_mmdet.yaml",
+        ]
+        stds = [(0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067)]
+        for name in names:
+            cfg = get_cfg()
+            add_fasa_seesaw_config(cfg)
+            merge_config(cfg, os.path.join(lvis, name))
+            c = cfg.MODEL.ROI_BOX_CASCADE_HEAD
+            self.assertEqual((c.SCORE_AVERAGE, c.MASK_HEADS), ("logits", "per_stage"), name)
+            self.assertEqual(list(c.STAGE_LOSS_WEIGHTS), [1.0, 0.5, 0.25])
+            for weights, std in zip(c.BBOX_REG_WEIGHTS, stds):
+                for w, s in zip(weights, std):
+                    self.assertAlmostEqual(w, 1 / s, places=9)
+
+
 if __name__ == "__main__":
     unittest.main()

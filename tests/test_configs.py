@@ -126,7 +126,13 @@ class TestConfigs(unittest.TestCase):
                         held = [getattr(p, module) for p in predictors]
                         if held[0] is not None:
                             self.assertEqual(len({id(m) for m in held}), 3, "one per stage")
-                self.assertEqual(isinstance(heads.mask_head.predictor, NormedConv2d), normed_mask)
+                mask_heads = heads.mask_head
+                if isinstance(mask_heads, torch.nn.ModuleList):  # a mask head per cascade stage
+                    self.assertEqual(len(mask_heads), 3)
+                else:
+                    mask_heads = [mask_heads]
+                for mask_head in mask_heads:
+                    self.assertEqual(isinstance(mask_head.predictor, NormedConv2d), normed_mask)
                 del model
 
     def test_study_ablations_change_one_setting(self):

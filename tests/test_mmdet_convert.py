@@ -22,9 +22,8 @@ import torch
 
 from detectron2.data import MetadataCatalog
 
-from conftest import _load_tool
 from fasa_seesaw.modelzoo import ConversionError, check_class_order
-from mmdet_layout import cascade_mask_rcnn_state, checkpoint, mask_rcnn_state
+from fasa_seesaw.modelzoo.layout import cascade_mask_rcnn_state, checkpoint, mask_rcnn_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZOO = os.path.join(ROOT, "configs/LVISv1-InstanceSegmentation/mmdet_converted")
@@ -60,7 +59,7 @@ CASCADE_PAIRS = {
     "roi_head.mask_head.1.conv_logits.bias": "roi_heads.mask_head.1.predictor.bias",
     "roi_head.mask_head.0.convs.0.conv.weight": "roi_heads.mask_head.0.mask_fcn1.weight",
 }
-DERIVED = ("num_batches_tracked", "cum_samples", "feature_used")
+DERIVED = ("num_batches_tracked", "cum_samples", "feature_used", "cum_loss_perclass_t1")
 
 
 def lvis_names():
@@ -75,8 +74,7 @@ def mmdet_names():
     ]
 
 
-def convert(state, config, tmp, classes=None, extra=()):
-    main = _load_tool("convert_mmdet_checkpoint").main
+def convert(main, state, config, tmp, classes=None, extra=()):
     src, dst = os.path.join(tmp, "in.pth"), os.path.join(tmp, "out.pth")
     torch.save(checkpoint(state, classes or mmdet_names()), src)
     rc = main([src, dst, "--config", os.path.join(ZOO, config), *extra])
@@ -87,6 +85,9 @@ class ConverterCase(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
+
+    def convert(self, *args, **kwargs):
+        return convert(self.load_tool("convert_mmdet_checkpoint").main, *args, **kwargs)
 
     def assert_every_tensor_lands_once(self, state, out, pairs):
         by_value = {}
@@ -111,7 +112,7 @@ class ConverterCase(unittest.TestCase):
 class TestConvertWholeModels(ConverterCase):
     def test_seesaw_mask_rcnn_with_normed_mask(self):
         state = mask_rcnn_state(depth=50, seesaw=True)
-        rc, out = convert(
+        rc, out = self.convert(
             state, "mask_rcnn_R_50_FPN_2x_seesaw_normed_mask_random_mmdet.yaml", self.tmp.name
         )
         self.assertEqual(rc, 0)
@@ -125,7 +126,7 @@ class TestConvertWholeModels(ConverterCase):
 
     def test_seesaw_cascade_with_a_mask_head_per_stage(self):
         state = cascade_mask_rcnn_state(depth=101, seesaw=True)
-        rc, out = convert(
+        rc, out = self.convert(
             state, "cascade_mask_rcnn_R_101_FPN_2x_seesaw_random_mmdet.yaml", self.tmp.name
         )
         self.assertEqual(rc, 0)
@@ -135,7 +136,7 @@ class TestConvertWholeModels(ConverterCase):
 
     def test_fasa_release(self):
         state = mask_rcnn_state(depth=50, seesaw=False, fasa=True)
-        rc, out = convert(
+        rc, out = self.convert(
             state, "mask_rcnn_R_50_FPN_2x_fasa_random_fasa_release.yaml", self.tmp.name
         )
         self.assertEqual(rc, 0)
@@ -155,7 +156,7 @@ class TestConvertWholeModels(ConverterCase):
 class TestConvertRefuses(ConverterCase):
     def _refused(self, state, config, pattern, classes=None, extra=()):
         with _stderr() as err:
-            rc, _ = convert(state, config, self.tmp.name, classes=classes, extra=extra)
+            rc, _ = self.convert(state, config, self.tmp.name, classes=classes, extra=extra)
         self.assertEqual(rc, 1)
         self.assertRegex(err.getvalue(), pattern)
         self.assertNotIn("Traceback", err.getvalue())
@@ -165,10 +166,10 @@ class TestConvertRefuses(ConverterCase):
         state = cascade_mask_rcnn_state(depth=101)
         self._refused(
             state,
-            "../cascade_mask_rcnn_R_101_FPN_2x_seesaw_random_lvis_v1.yaml",
+            "cascade_mask_rcnn_R_101_FPN_2x_seesaw_random_mmdet.yaml",
             r"(?s)36 checkpoint keys map to nothing.*MASK_HEADS one.*"
             r"roi_head\.mask_head\.0\.convs\.0\.conv\.weight -> roi_heads\.mask_head\.0\.mask_fcn1",
-            extra=["MODEL.RESNETS.STRIDE_IN_1X1", "False"],
+            extra=["MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", "one"],
         )
 
     def test_unknown_keys_wrong_shapes_missing_parts(self):
@@ -207,7 +208,7 @@ class TestConvertRefuses(ConverterCase):
         dst = os.path.join(self.tmp.name, "out.pth")
         with open(dst, "w") as f:
             f.write("mine")
-        main = _load_tool("convert_mmdet_checkpoint").main
+        main = self.load_tool("convert_mmdet_checkpoint").main
         with _stderr() as err:
             rc = main(
                 [

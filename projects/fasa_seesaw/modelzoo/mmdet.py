@@ -77,6 +77,9 @@ RULES: List[_Rule] = [
         lambda m: f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}",
     ),
     (r"backbone\..*num_batches_tracked", None),
+    # The FASA release's last adaptation baseline (per-class validation loss / all RoIs), a
+    # Parameter once its first pass has run: the adaptation hook keeps its own baseline.
+    (rf"roi_head\.bbox_head{_STAGE}\.cum_loss_perclass_t1", None),
     (
         rf"neck\.lateral_convs\.(\d)\.conv\.{_WB}",
         lambda m: f"backbone.fpn_lateral{int(m[1]) + 2}.{m[2]}",
@@ -255,8 +258,14 @@ def convert_state_dict(
             + "\nUse the config that matches the checkpoint "
             "(configs/LVISv1-InstanceSegmentation/mmdet_converted/)."
         )
-    if dropped:
-        notes.append(f"dropped {len(dropped)} BatchNorm num_batches_tracked counters")
+    bn = [k for k in dropped if k.endswith("num_batches_tracked")]
+    if bn:
+        notes.append(f"dropped {len(bn)} BatchNorm num_batches_tracked counters")
+    if len(dropped) > len(bn):
+        notes.append(
+            "dropped the FASA release's last adaptation baseline (cum_loss_perclass_t1): a run "
+            "continued from these weights sets its own baseline at its first pass"
+        )
     kept = [k for k in model_state if k not in out]
     for k in kept:
         out[k] = model_state[k].clone()

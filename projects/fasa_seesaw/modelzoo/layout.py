@@ -1,7 +1,8 @@
 # Copyright (c) fasa_seesaw contributors.
 """
 State dicts laid out as mmdetection's modules lay them out (key names and shapes), with random
-values, for testing the checkpoint converter without mmdetection installed. Written from
+values: the converter's tests use them without mmdetection installed, and
+tools/mmdet_equality.py checks them against mmdetection's real models. Written from
 mmdetection's sources: ResNet (mmdet/models/backbones/resnet.py, Bottleneck with
 downsample = [conv, BN] in each layer's first block), FPN (ConvModule: ``.conv``), RPNHead
 (rpn_conv, rpn_cls with one sigmoid logit per anchor, rpn_reg), Shared2FCBBoxHead
@@ -84,6 +85,8 @@ def bbox_head(prefix: str, num_classes: int, *, seesaw: bool, agnostic: bool, g,
         s[f"{prefix}.feature_std"] = torch.rand(num_classes, 1024, generator=g) * used[:, None]
         s[f"{prefix}.feature_used"] = used
         s[f"{prefix}.prob_list"] = torch.rand(num_classes, generator=g) * 0.01
+        # a Parameter once the release's first adaptation pass has run
+        s[f"{prefix}.cum_loss_perclass_t1"] = torch.rand(num_classes + 1, generator=g)
     return s
 
 
