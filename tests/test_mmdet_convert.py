@@ -22,7 +22,7 @@ import torch
 
 from detectron2.data import MetadataCatalog
 
-from fasa_seesaw.modelzoo import ConversionError, check_class_order
+from fasa_seesaw.modelzoo import ConversionError, check_class_order, convert_state_dict
 from fasa_seesaw.modelzoo.layout import cascade_mask_rcnn_state, checkpoint, mask_rcnn_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,36 +162,49 @@ class TestConvertRefuses(ConverterCase):
         self.assertNotIn("Traceback", err.getvalue())
         self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "out.pth")))
 
+    @classmethod
+    def model_state(cls, config, *opts):
+        from detectron2.config import get_cfg
+        from detectron2.modeling import build_model
+
+        from fasa_seesaw import add_fasa_seesaw_config
+        from fasa_seesaw.config import merge_config
+
+        cfg = get_cfg()
+        add_fasa_seesaw_config(cfg)
+        merge_config(cfg, os.path.join(ZOO, config), ["MODEL.DEVICE", "cpu", *opts])
+        return build_model(cfg).state_dict()
+
     def test_cascade_into_one_mask_head(self):
-        state = cascade_mask_rcnn_state(depth=101)
-        self._refused(
-            state,
-            "cascade_mask_rcnn_R_101_FPN_2x_seesaw_random_mmdet.yaml",
+        one_head = self.model_state(
+            "../cascade_mask_rcnn_R_50_FPN_2x_seesaw_random_lvis_v1.yaml",
+            "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS",
+            "one",
+        )
+        with self.assertRaisesRegex(
+            ConversionError,
             r"(?s)36 checkpoint keys map to nothing.*MASK_HEADS one.*"
             r"roi_head\.mask_head\.0\.convs\.0\.conv\.weight -> roi_heads\.mask_head\.0\.mask_fcn1",
-            extra=["MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", "one"],
-        )
+        ):
+            convert_state_dict(cascade_mask_rcnn_state(depth=50), one_head)
 
     def test_unknown_keys_wrong_shapes_missing_parts(self):
+        model = self.model_state("mask_rcnn_R_50_FPN_2x_seesaw_random_mmdet.yaml")
         state = mask_rcnn_state(depth=50, seesaw=True)
         state["roi_head.semantic_head.conv_embedding.weight"] = torch.zeros(3)
-        self._refused(
-            state,
-            "mask_rcnn_R_50_FPN_2x_seesaw_random_mmdet.yaml",
-            r"(?s)1 checkpoint keys have no rule.*semantic branch.*semantic_head",
-        )
-        ce = mask_rcnn_state(depth=50, seesaw=False)
-        self._refused(
-            ce,
-            "mask_rcnn_R_50_FPN_2x_seesaw_random_mmdet.yaml",
-            r"(?s)another shape.*fc_cls\.weight \(1204, 1024\) -> .*\(1205, 1024\)",
-        )
+        with self.assertRaisesRegex(
+            ConversionError, r"(?s)1 checkpoint keys have no rule.*semantic branch.*semantic_head"
+        ):
+            convert_state_dict(state, model)
+        with self.assertRaisesRegex(
+            ConversionError, r"(?s)another shape.*fc_cls\.weight \(1204, 1024\) -> .*\(1205, 1024\)"
+        ):
+            convert_state_dict(mask_rcnn_state(depth=50, seesaw=False), model)
         no_mask = {k: v for k, v in state.items() if "mask_head" not in k and "semantic" not in k}
-        self._refused(
-            no_mask,
-            "mask_rcnn_R_50_FPN_2x_seesaw_random_mmdet.yaml",
-            r"(?s)model keys get no value.*roi_heads\.mask_head\.",
-        )
+        with self.assertRaisesRegex(
+            ConversionError, r"(?s)model keys get no value.*roi_heads\.mask_head\."
+        ):
+            convert_state_dict(no_mask, model)
 
     def test_class_order(self):
         names = mmdet_names()
