@@ -349,6 +349,10 @@ def run_model(spec, images, tmp, seed):
         our_in = [{"image": rgb, "height": oh, "width": ow}]
         images_d2 = ours.preprocess_image(our_in)
         r = {"input_max_diff": float((images_d2.tensor - inputs).abs().max())}
+        res = ours.backbone.bottom_up(images_d2.tensor)
+        r["backbone_rel_diff"] = max(
+            rel(res[f"res{i + 2}"], c) for i, c in enumerate(mm.backbone(inputs))
+        )
         x = mm.extract_feat(inputs)
         feats = ours.backbone(images_d2.tensor)
         r["features_rel_diff"] = max(rel(feats[f"p{i + 2}"], x[i]) for i in range(5))
@@ -430,6 +434,8 @@ def markdown(rows):
         cells = [
             ("input", "max abs difference, normalised image",
              _worst(ims, lambda r: r["input_max_diff"], ".3g")),
+            ("ResNet features", "max abs difference / max abs value (res2-res5)",
+             _worst(ims, lambda r: r["backbone_rel_diff"], ".2g")),
             ("FPN features", "max abs difference / max abs value (P2-P6)",
              _worst(ims, lambda r: r["features_rel_diff"], ".2g")),
             ("proposals", "the same box (IoU > 0.9999), of mmdetection's",
