@@ -22,7 +22,12 @@ import torch
 
 from detectron2.data import MetadataCatalog
 
-from fasa_seesaw.modelzoo import ConversionError, check_class_order, convert_state_dict
+from fasa_seesaw.modelzoo import (
+    ConversionError,
+    check_class_order,
+    convert_state_dict,
+    lvis_v1_names,
+)
 from fasa_seesaw.modelzoo.layout import cascade_mask_rcnn_state, checkpoint, mask_rcnn_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,11 +68,14 @@ DERIVED = ("num_batches_tracked", "cum_samples", "feature_used", "cum_loss_percl
 
 
 def lvis_names():
-    return list(MetadataCatalog.get("lvis_v1_val").thing_classes)
+    """LVIS v1 category names (the json's "name"), in id order, from detectron2's table."""
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    return [c["name"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
 
 
 def mmdet_names():
-    # mmdetection's LVISV1Dataset list corrects the json's "stero" spelling.
+    # mmdetection's LVISV1Dataset list: the json's names, with "stero" corrected.
     return [
         "speaker_(stereo_equipment)" if n == "speaker_(stero_equipment)" else n
         for n in lvis_names()
@@ -241,6 +249,14 @@ class TestClassOrder(unittest.TestCase):
     def test_lvis_names_and_the_one_spelling(self):
         check_class_order(mmdet_names(), lvis_names())
         check_class_order(lvis_names(), lvis_names())
+        # detectron2 names its LVIS classes by their first synonym ("horned_cow" for "bull"):
+        # a category matches by its name or any synonym
+        d2 = list(MetadataCatalog.get("lvis_v1_val").thing_classes)
+        self.assertNotEqual(d2, lvis_names())
+        check_class_order(mmdet_names(), lvis_v1_names())
+        check_class_order(d2, lvis_v1_names())
+        with self.assertRaisesRegex(ConversionError, "at 1 of 1203"):
+            check_class_order(mmdet_names(), d2)
         with self.assertRaisesRegex(ConversionError, "1202 classes, the dataset has 1203"):
             check_class_order(lvis_names()[:-1], lvis_names())
         wrong = lvis_names()

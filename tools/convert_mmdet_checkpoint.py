@@ -40,6 +40,7 @@ from fasa_seesaw.modelzoo import (
     check_class_order,
     checkpoint_classes,
     convert_state_dict,
+    lvis_v1_names,
 )
 
 
@@ -94,11 +95,14 @@ def load_checkpoint(path: str, allow_pickle: bool) -> dict:
 
 
 def dataset_classes(cfg):
-    """The class names of the config's first test (else training) dataset, in output order."""
+    """The class names of the config's first test (else training) dataset, in output order
+    (for detectron2's LVIS v1 datasets: each category's name and synonyms)."""
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     if not names:
         return None, None
     name = names[0]
+    if name.startswith("lvis_v1_"):
+        return name, lvis_v1_names()
     meta = MetadataCatalog.get(name)
     if not meta.get("thing_classes") and name in DatasetCatalog.list():
         DatasetCatalog.get(name)  # LVIS-format loaders set thing_classes when they read the json

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def mmdet_model(config_rel):
 
     register_all_modules()
     init_default_scope("mmdet")
+    logging.getLogger("mmengine").setLevel(logging.WARNING)  # init_weights logs every tensor
     path = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", config_rel)
     cfg = Config.fromfile(path)
     cfg.model.backbone.init_cfg = None  # no download: random weights
@@ -320,8 +322,8 @@ def box_head_scores(mm, ours, x, feats, boxes, metas, image_size):
 def run_model(spec, images, tmp, seed):
     name, mm_cfg, our_cfg, layout = spec
     t0 = time.time()
+    mm, _ = mmdet_model(mm_cfg)  # registers mmdetection's modules and scope first
     pipeline = mmdet_pipeline()
-    mm, _ = mmdet_model(mm_cfg)
     data = [pipeline(dict(img_path=p, img_id=i)) for i, p in enumerate(images)]
     first = mm.data_preprocessor(
         {"inputs": [data[0]["inputs"]], "data_samples": [data[0]["data_samples"]]}, False

@@ -6,6 +6,7 @@ from .mmdet import (
     checkpoint_classes,
     check_class_order,
     convert_state_dict,
+    lvis_v1_names,
     mmdet_key_to_detectron2,
 )
 
@@ -14,5 +15,6 @@ __all__ = [
     "checkpoint_classes",
     "check_class_order",
     "convert_state_dict",
+    "lvis_v1_names",
     "mmdet_key_to_detectron2",
 ]

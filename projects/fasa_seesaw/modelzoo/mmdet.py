@@ -32,6 +32,7 @@ __all__ = [
     "checkpoint_classes",
     "check_class_order",
     "LVIS_V1_SPELLINGS",
+    "lvis_v1_names",
 ]
 
 
@@ -299,10 +300,12 @@ def checkpoint_classes(checkpoint: dict) -> Optional[List[str]]:
     return None if classes is None else [str(c) for c in classes]
 
 
-def check_class_order(classes: Sequence[str], expected: Sequence[str]) -> None:
+def check_class_order(classes: Sequence[str], expected: Sequence) -> None:
     """
-    ConversionError unless ``classes`` (the checkpoint's, in output order) are ``expected`` (the
-    dataset's names in contiguous-id order), allowing the known spellings above.
+    ConversionError unless ``classes`` (the checkpoint's, in output order) are the dataset's
+    categories in contiguous-id order. ``expected[i]`` is output i's name, or the set of names
+    that category goes by (LVIS: its name and synonyms; detectron2 names LVIS classes by their
+    first synonym). The known spellings above are allowed.
     """
     got = [LVIS_V1_SPELLINGS.get(c, c) for c in classes]
     if len(got) != len(expected):
@@ -310,11 +313,21 @@ def check_class_order(classes: Sequence[str], expected: Sequence[str]) -> None:
             f"The checkpoint was trained with {len(got)} classes, the dataset has "
             f"{len(expected)}; convert it with a config and dataset of the same classes."
         )
-    wrong = [(i, a, b) for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+    names = [{e} if isinstance(e, str) else set(e) for e in expected]
+    wrong = [(i, a, b) for i, (a, b) in enumerate(zip(got, names)) if a not in b]
     if wrong:
-        shown = "; ".join(f"output {i}: checkpoint {a!r}, dataset {b!r}" for i, a, b in wrong[:5])
+        shown = "; ".join(
+            f"output {i}: checkpoint {a!r}, dataset {sorted(b)[0]!r}" for i, a, b in wrong[:5]
+        )
         raise ConversionError(
             f"The checkpoint's class order differs from the dataset's at {len(wrong)} of "
             f"{len(got)} outputs ({shown}). Its classifier rows would score the wrong "
             "categories; convert it against the dataset it was trained on."
         )
+
+
+def lvis_v1_names() -> List[set]:
+    """Each LVIS v1 category's name and synonyms, in contiguous-id (sorted id) order."""
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    return [{c["name"], *c["synonyms"]} for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
