@@ -27,6 +27,7 @@ CASES = {
     "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": (
         [[-1.0, 0.5, 0.25], [NAN], 1.0, ["1"]], [[], [1.0, 0.5, 0.25], (1, 1, 1)]
     ),
+    "INPUT.RESIZE_BACKEND": (["opencv", "PIL", ""], ["pil", "cv2"]),
     "MODEL.SEESAW.P": ([-0.8, NAN, INF, True], [0.0, 0.8, 2]),
     "MODEL.SEESAW.Q": ([-2.0, NAN, INF], [0.0, 2.0]),
     "MODEL.SEESAW.EPS": ([0.0, -0.01, 1.5, NAN], [0.01, 1.0]),

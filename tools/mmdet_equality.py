@@ -385,11 +385,12 @@ def run_model(spec, images, tmp, seed):
 
 @torch.no_grad()
 def own_pipeline_detections(ours, cfg, path):
-    """detectron2's test-time pre-processing of the file (DatasetMapper: PIL resize)."""
-    from detectron2.data import DatasetMapper
+    """This project's test-time pre-processing of the file (the config's INPUT.RESIZE_BACKEND)."""
     from detectron2.data.detection_utils import read_image
 
-    mapper = DatasetMapper(cfg, is_train=False)
+    from fasa_seesaw.data.resize import build_mapper
+
+    mapper = build_mapper(cfg, is_train=False)
     h, w = read_image(path).shape[:2]
     d = mapper({"file_name": path, "height": h, "width": w, "image_id": 0})
     out = ours.inference([d])[0]["instances"]

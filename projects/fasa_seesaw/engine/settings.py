@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Sequence
 
+from ..data.resize import RESIZE_BACKENDS
 from ..errors import ConfigError
 from ..evaluation.lvis_engines import ENGINES
 from ..evaluation.report import EXTRAS
@@ -129,6 +130,7 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": numbers(
             hint="one per stage; mmdetection uses [1.0, 0.5, 0.25]"
         ),
+        "INPUT.RESIZE_BACKEND": one_of(RESIZE_BACKENDS, hint="mmdetection resizes with cv2"),
         "MODEL.SEESAW.P": number(0.0, hint="the paper uses 0.8; 0 switches mitigation off"),
         "MODEL.SEESAW.Q": number(0.0, hint="the paper uses 2.0; 0 switches compensation off"),
         "MODEL.SEESAW.EPS": number(0.0, 1.0, low_open=True, hint="the paper uses 0.01"),
