@@ -243,6 +243,20 @@ def compare_detections(mm_inst, our_inst):
         ),
         "max_score_diff": float(ds[same].max()) if same.any() else None,
     }
+    # what the unmatched ones are (rank in mmdetection's score order, and the nearest of ours)
+    order = torch.argsort(ms, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    out["unmatched"] = [
+        {
+            "rank": int(rank[i]),
+            "score": float(ms[i]),
+            "label": int(ml[i]),
+            "best_iou_same_class": float(best[i]),
+            "our_lowest_score": float(os_.min()),
+        }
+        for i in torch.nonzero(~matched).flatten().tolist()[:10]
+    ]
     if hasattr(mm_inst, "masks") and our_inst.has("pred_masks") and matched.any():
         mm_masks = mm_inst.masks[matched].bool()
         our_masks = our_inst.pred_masks[j[matched]].bool()
