@@ -149,6 +149,33 @@ class TestPerStageMasks(unittest.TestCase):
             grad = head.predictor.weight.grad
             self.assertTrue(grad is not None and grad.abs().sum() > 0, f"head {k}")
 
+    def test_each_stage_trains_on_its_own_matches(self):
+        """Stage k's mask targets are the masks of the ground truth its RoIs match at stage k's
+        IoU (the toy masks are the boxes, so a mask's box is its ground-truth box); an image
+        without ground truth trains nothing."""
+        model = _model(*self.OPTS).train()
+        seen = []
+        original = model.roi_heads._per_stage_mask_losses
+
+        def capture(features, stage_proposals):
+            seen.append(stage_proposals)
+            return original(features, stage_proposals)
+
+        model.roi_heads._per_stage_mask_losses = capture
+        batch = _batch()
+        batch[1]["instances"] = batch[1]["instances"][:0]  # no ground truth
+        with EventStorage():
+            losses = model(batch)
+        self.assertTrue(all(torch.isfinite(v) for v in losses.values()))
+        (stages,) = seen
+        self.assertEqual(len(stages), 3)
+        for k, per_image in enumerate(stages):
+            fg = per_image[0][per_image[0].gt_classes < C]
+            self.assertGreater(len(fg), 0, f"stage {k}")
+            mask_boxes = fg.gt_masks.get_bounding_boxes().tensor
+            torch.testing.assert_close(mask_boxes, fg.gt_boxes.tensor, msg=f"stage {k}")
+            self.assertFalse(bool((per_image[1].gt_classes < C).any()))
+
     def test_one_head_is_detectron2s(self):
         model = _model().train()
         self.assertNotIsInstance(model.roi_heads.mask_head, torch.nn.ModuleList)
@@ -175,6 +202,32 @@ class TestStageLossWeights(unittest.TestCase):
             w = {"_stage1": 0.5, "_stage2": 0.25}.get(name[-7:], 1.0)
             self.assertAlmostEqual(weighted[name], value * w, places=5, msg=name)
         self.assertGreater(plain["loss_mask_stage2"], 0)
+
+    def test_weights_replace_the_gradient_scaling(self):
+        """With weights (even all 1) the pooled box features' gradient is not scaled by 1/3:
+        the same losses, the same gradients on the box heads, other gradients upstream."""
+
+        def grads(weights):
+            opts = (
+                []
+                if weights is None
+                else ["MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", str(weights)]
+            )
+            model = _model(*opts).train()
+            torch.manual_seed(5)
+            with EventStorage():
+                losses = model(_batch())
+            sum(losses.values()).backward()
+            head = model.roi_heads.box_head[1].fc1.weight.grad.clone()
+            fpn = model.backbone.fpn_output2.weight.grad.clone()
+            return {k: v.item() for k, v in losses.items()}, head, fpn
+
+        plain, head_plain, fpn_plain = grads(None)
+        ones, head_ones, fpn_ones = grads([1.0, 1.0, 1.0])
+        for name in plain:
+            self.assertAlmostEqual(plain[name], ones[name], places=6, msg=name)
+        torch.testing.assert_close(head_plain, head_ones)
+        self.assertGreater((fpn_plain - fpn_ones).abs().max().item(), 1e-6)
 
     def test_one_weight_per_stage(self):
         with self.assertRaisesRegex(ConfigError, "STAGE_LOSS_WEIGHTS has 2 weights for 3 stages"):

@@ -1,7 +1,8 @@
 # Copyright (c) fasa_seesaw contributors.
 """
-tools/convert_mmdet_checkpoint.py on state dicts laid out as mmdetection's (tests/mmdet_layout.py:
-the real key names and shapes, LVIS v1's 1203 classes, random values), without mmdetection:
+tools/convert_mmdet_checkpoint.py on state dicts laid out as mmdetection's
+(fasa_seesaw.modelzoo.layout: the real key names and shapes, LVIS v1's 1203 classes, random
+values), without mmdetection:
 
 - every tensor of the checkpoint lands in exactly one tensor of the model, unchanged (the values
   are random, so each is found by value), and a hand-written sample of the key pairs, from the
@@ -224,6 +225,27 @@ class TestConvertRefuses(ConverterCase):
             r"\(output 3: checkpoint 'ambulance', dataset 'alarm_clock'",
             classes=names,
         )
+
+    def test_missing_config_and_bad_overrides(self):
+        main = self.load_tool("convert_mmdet_checkpoint").main
+        out = os.path.join(self.tmp.name, "out.pth")
+        for argv, pattern in (
+            (["in.pth", out, "--config", "nope.yaml"], "'nope.yaml' \\(--config\\) does not exist"),
+            (
+                [
+                    "in.pth",
+                    out,
+                    "--config",
+                    os.path.join(ZOO, "mask_rcnn_R_50_FPN_2x_seesaw_random_mmdet.yaml"),
+                    "MODEL.WEIGHTS",
+                ],
+                "could not be applied.*KEY VALUE pairs",
+            ),
+        ):
+            with _stderr() as err:
+                self.assertEqual(main(argv), 1)
+            self.assertRegex(err.getvalue(), pattern)
+            self.assertNotIn("Traceback", err.getvalue())
 
     def test_never_overwrites(self):
         dst = os.path.join(self.tmp.name, "out.pth")

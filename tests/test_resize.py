@@ -24,7 +24,11 @@ def mmcv_size(w, h, long=1333, short=800):
 
 
 class TestCV2Resize(unittest.TestCase):
-    SIZES = [(640, 480), (480, 640), (500, 375), (1024, 683), (128, 90), (2000, 1500), (333, 1000)]
+    # (302, 151): detectron2's rule gives 666 x 1333, mmcv's 667 x 1333
+    SIZES = [
+        (640, 480), (480, 640), (500, 375), (1024, 683), (128, 90), (2000, 1500), (333, 1000),
+        (302, 151), (151, 302),
+    ]  # fmt: skip
 
     def test_sizes_and_pixels_are_mmdetections(self):
         rng = np.random.default_rng(0)
@@ -52,6 +56,13 @@ class TestCV2Resize(unittest.TestCase):
         self.assertEqual(
             t.inverse().apply_image(t.apply_image(seg[:, :, None])).shape, (90, 128, 1)
         )
+
+    def test_detectron2s_rule_differs_where_the_long_side_caps(self):
+        d2 = T.ResizeShortestEdge.get_output_shape(151, 302, 800, 1333)
+        self.assertEqual(d2, (666, 1333))
+        self.assertEqual(mmcv_size(302, 151), (1333, 667))
+        t = ResizeShortestEdgeCV2(800, 1333, "choice").get_transform(np.zeros((151, 302, 3)))
+        self.assertEqual((t.new_h, t.new_w), (667, 1333))
 
 
 class TestBuildMapper(unittest.TestCase):
@@ -81,6 +92,12 @@ class TestBuildMapper(unittest.TestCase):
                     )
                 else:
                     self.assertIs(type(a), type(b))
+
+    def test_cv2_refuses_other_resizes(self):
+        from fasa_seesaw import ConfigError
+
+        with self.assertRaisesRegex(ConfigError, "RESIZE_BACKEND cv2 replaces .* ResizeScale"):
+            build_mapper(self._cfg("cv2"), True, augmentations=[T.ResizeScale(0.5, 2.0, 640, 640)])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import os
 import pickle
 import sys
+import tempfile
 import zipfile
 import torch
 
@@ -32,7 +33,7 @@ from detectron2.modeling import build_model
 from fasa_seesaw import add_fasa_seesaw_config
 from fasa_seesaw.config import merge_config
 from fasa_seesaw.data import DATASET_ARG_HELP, register_dataset_args
-from fasa_seesaw.engine.checkpoint import atomic_write, training_state_keys
+from fasa_seesaw.engine.checkpoint import training_state_keys
 from fasa_seesaw.engine.settings import check_settings
 from fasa_seesaw.errors import ConfigError, is_project_error, user_message
 from fasa_seesaw.modelzoo import (
@@ -78,20 +79,49 @@ def load_checkpoint(path: str, allow_pickle: bool) -> dict:
     if not (zipfile.is_zipfile(path) or pickled):
         raise ConversionError(f"{path!r} is not a torch checkpoint (truncated or another format).")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not allow_pickle:
-            raise ConversionError(
-                f"{path!r} holds Python objects that torch.load(weights_only=True) refuses "
-                f"({str(e).splitlines()[0]}). If it comes from a trusted source, add "
-                "--allow-pickle."
-            ) from None
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError) as e:
-        raise ConversionError(f"{path!r} could not be read ({e}); it may be truncated.") from None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if not allow_pickle:
+                raise ConversionError(
+                    f"{path!r} holds Python objects that torch.load(weights_only=True) refuses "
+                    f"({str(e).splitlines()[0]}); mmengine's full training checkpoints do. If "
+                    "it comes from a trusted source, add --allow-pickle."
+                ) from None
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: B902 (any failure to read the file is one message)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(
+            f"{path!r} could not be read ({first}); it may be truncated."
+        ) from None
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dict.")
     return ckpt
+
+
+def write_new(path: str, write) -> None:
+    """``write(f)`` into a fresh temporary file beside ``path``, flushed to disk, then linked to
+    ``path`` only if nothing is there: an existing file is never replaced, even one created
+    while the conversion ran."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ConfigError(
+                f"{path!r} appeared while converting; it is never overwritten. Remove it or "
+                "choose another name."
+            ) from None
+    finally:
+        os.remove(tmp)
 
 
 def dataset_classes(cfg):
@@ -110,14 +140,23 @@ def dataset_classes(cfg):
 
 
 def convert(args) -> int:
-    if os.path.exists(args.output):
+    if os.path.lexists(args.output):
         raise ConfigError(
             f"{args.output!r} exists; it is never overwritten. Remove it or choose another name."
         )
+    if not os.path.isfile(args.config):
+        raise ConfigError(f"the config {args.config!r} (--config) does not exist.")
     register_dataset_args(args.dataset)
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
-    merge_config(cfg, args.config, args.opts)
+    try:
+        merge_config(cfg, args.config, args.opts)
+    except (ValueError, KeyError, AssertionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"the config could not be applied: {e}. Overrides are KEY VALUE pairs."
+        ) from None
     check_settings(cfg)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -155,8 +194,7 @@ def convert(args) -> int:
         "source": os.path.basename(args.input),
         "config": os.path.basename(args.config),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    atomic_write(args.output, lambda f: torch.save(payload, f))
+    write_new(args.output, lambda f: torch.save(payload, f))
     print(f"converted {len(state)} checkpoint tensors into {len(out)} model tensors")
     for note in notes:
         print(f"  {note}")

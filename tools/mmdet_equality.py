@@ -218,7 +218,24 @@ def box_iou(a, b):
     return iou(a.double(), b.double())
 
 
-def compare_detections(mm_inst, our_inst):
+def nms_offset_iou(a, b, label, max_coordinate, scale):
+    """The IoU of two same-class boxes as torchvision's per-class NMS sees it (float32, their
+    own coordinates) and as mmcv's batched_nms sees it (float32, both shifted by
+    label * (max_coordinate + 1), its trick for running one NMS over all classes)."""
+    from torchvision.ops import box_iou as iou
+
+    # back to the resized image, where both frameworks run NMS (mmdetection 3.x with masks)
+    a32, b32 = (a.double() * scale).float()[None], (b.double() * scale).float()[None]
+    shift = torch.tensor(float(label), dtype=torch.float32) * (
+        torch.tensor(float(max_coordinate), dtype=torch.float32) + 1
+    )
+    return {
+        "iou_float32": float(iou(a32, b32)[0, 0]),
+        "iou_float32_mmcv_offset": float(iou(a32 + shift, b32 + shift)[0, 0]),
+    }
+
+
+def compare_detections(mm_inst, our_inst, image_max=None, scale=None):
     """Each mmdetection detection against our detection of the same class with the highest IoU."""
     mb, ms, ml = mm_inst.bboxes, mm_inst.scores, mm_inst.labels
     ob, os_, ol = our_inst.pred_boxes.tensor, our_inst.scores, our_inst.pred_classes
@@ -254,6 +271,7 @@ def compare_detections(mm_inst, our_inst):
             "label": int(ml[i]),
             "best_iou_same_class": float(best[i]),
             "our_lowest_score": float(os_.min()),
+            **nms_offset_iou(mb[i], ob[j[i]], int(ml[i]), image_max, scale),
         }
         for i in torch.nonzero(~matched).flatten().tolist()[:10]
     ]
@@ -380,7 +398,10 @@ def run_model(spec, images, tmp, seed):
         )
         mm_res = mm.roi_head.predict(x, mm_props, samples, rescale=True)[0]
         our_res = ours.inference(our_in)[0]["instances"]
-        r["detections"] = compare_detections(mm_res, our_res)
+        # mmcv's max_coordinate: the largest candidate coordinate, at most the larger side of
+        # the resized image (boxes are clipped to it)
+        scale = torch.tensor(meta["scale_factor"], dtype=torch.float64).repeat(2)
+        r["detections"] = compare_detections(mm_res, our_res, max(meta["img_shape"]), scale)
         # each framework's own pre-processing of the file
         own = own_pipeline_detections(ours, cfg, d["data_samples"].img_path)
         same_size = tuple(own["image"].shape[-2:]) == tuple(d["inputs"].shape[-2:])
@@ -389,7 +410,9 @@ def run_model(spec, images, tmp, seed):
             "resized_size_same": same_size,
             "max_pixel_diff": float(pixel_diff.max()) if same_size else None,
             "mean_pixel_diff": float(pixel_diff.mean()) if same_size else None,
-            "detections": compare_detections(mm_res, own["instances"]),
+            "detections": compare_detections(
+                mm_res, own["instances"], max(meta["img_shape"]), scale
+            ),
         }
         per_image.append(r)
     row["images"] = per_image

@@ -38,9 +38,9 @@ def add_fasa_seesaw_config(cfg):
     # [] adds the stages' losses and scales the pooled features' gradient by 1/stages; one weight
     # per stage multiplies its box and mask losses instead (mmdetection: [1.0, 0.5, 0.25]).
     _C.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = []
-    # Image resize of the data mappers: "pil" (detectron2's ResizeTransform: PIL bilinear,
-    # antialiased when shrinking) or "cv2" (OpenCV bilinear, as mmdetection's Resize); the sizes
-    # are the same either way.
+    # Image resize of the data mappers: "pil" (detectron2's ResizeShortestEdge: PIL bilinear,
+    # antialiased when shrinking) or "cv2" (mmdetection's Resize: OpenCV bilinear and mmcv's
+    # size rule, which is one pixel off detectron2's for some shapes).
     _C.INPUT.RESIZE_BACKEND = "pil"
 
     _C.MODEL.SEESAW = CN()

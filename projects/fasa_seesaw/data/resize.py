@@ -3,10 +3,11 @@
 The image resize of the data mappers: detectron2's (PIL bilinear, antialiased when shrinking)
 or mmdetection's (OpenCV bilinear, ``mmcv.imresize``), chosen by ``INPUT.RESIZE_BACKEND``.
 
-The output size is detectron2's ResizeShortestEdge rule either way, which gives mmdetection's
-``Resize(scale=(1333, 800), keep_ratio=True)`` sizes: scale = min(max / long side, short /
-short side), each side int(side * scale + 0.5). Checkpoints converted from mmdetection see the
-pixels they were trained on with "cv2".
+With "cv2" the output size is mmdetection's ``Resize(scale=(1333, 800), keep_ratio=True)``
+(mmcv's rescale_size): scale = min(max / long side, short / short side), each side
+int(side * scale + 0.5). detectron2's rule computes the same scale in another order and lands one
+pixel off for some shapes when the long-side cap applies (302 x 151: 666 x 1333 against mmcv's
+667 x 1333). Checkpoints converted from mmdetection see the pixels they were trained on with "cv2".
 """
 
 import numpy as np
@@ -16,7 +17,15 @@ import cv2
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
-__all__ = ["RESIZE_BACKENDS", "CV2ResizeTransform", "ResizeShortestEdgeCV2", "build_mapper"]
+from ..errors import ConfigError
+
+__all__ = [
+    "RESIZE_BACKENDS",
+    "CV2ResizeTransform",
+    "ResizeShortestEdgeCV2",
+    "build_mapper",
+    "mmcv_size",
+]
 
 RESIZE_BACKENDS = ("pil", "cv2")
 
@@ -39,14 +48,28 @@ class CV2ResizeTransform(T.ResizeTransform):
         return CV2ResizeTransform(self.new_h, self.new_w, self.h, self.w)
 
 
+def mmcv_size(h: int, w: int, short: float, long: float):
+    """mmcv's rescale_size with keep_ratio (mmdetection's Resize): one scale,
+    min(long / long side, short / short side), each side rounded half up. detectron2's rule
+    scales in another order and can land one pixel off when the long-side cap applies."""
+    scale = min(long / max(h, w), short / min(h, w))
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
 class ResizeShortestEdgeCV2(T.ResizeShortestEdge):
-    """ResizeShortestEdge (the same sizes and draws) resizing with OpenCV."""
+    """ResizeShortestEdge (the same random draws) as mmdetection's Resize: mmcv's sizes,
+    OpenCV's bilinear."""
 
     def get_transform(self, image):
-        t = super().get_transform(image)
-        if isinstance(t, T.ResizeTransform):
-            return CV2ResizeTransform(t.h, t.w, t.new_h, t.new_w)
-        return t
+        h, w = image.shape[:2]
+        if self.is_range:
+            size = np.random.randint(self.short_edge_length[0], self.short_edge_length[1] + 1)
+        else:
+            size = np.random.choice(self.short_edge_length)
+        if size == 0:
+            return T.NoOpTransform()
+        new_h, new_w = mmcv_size(h, w, size, self.max_size)
+        return CV2ResizeTransform(h, w, new_h, new_w)
 
 
 def _with_backend(augmentations: List, backend: str) -> List:
@@ -57,6 +80,12 @@ def _with_backend(augmentations: List, backend: str) -> List:
         if type(aug) is T.ResizeShortestEdge:
             aug = ResizeShortestEdgeCV2(
                 aug.short_edge_length, aug.max_size, "range" if aug.is_range else "choice"
+            )
+        elif isinstance(aug, (T.ResizeShortestEdge, T.Resize, T.ResizeScale)):
+            raise ConfigError(
+                f"INPUT.RESIZE_BACKEND cv2 replaces detectron2's ResizeShortestEdge only; the "
+                f"mapper also has {type(aug).__name__}, which would still resize with PIL. Use "
+                "INPUT.RESIZE_BACKEND pil with it."
             )
         out.append(aug)
     return out

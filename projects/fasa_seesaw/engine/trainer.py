@@ -251,7 +251,7 @@ def heldout_ap_fn(cfg):
     """FASA's metric signal: per-category box AP on the held-out set, the same on all processes."""
     name = cfg.MODEL.FASA.ADAPT.HELDOUT_DATASET
     evaluator = PerCategoryAPEvaluator(name, max_dets=cfg.TEST.DETECTIONS_PER_IMAGE)
-    loader = build_detection_test_loader(cfg, name)
+    loader = build_detection_test_loader(cfg, name, mapper=build_mapper(cfg, False))
 
     def fn(model):
         ap = inference_on_dataset(model, loader, evaluator).get("per_category_ap")

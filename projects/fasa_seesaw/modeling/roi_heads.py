@@ -6,7 +6,7 @@ The classification loss, the cosine classifier and FASA are chosen by config on 
 """
 
 import re
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
@@ -24,6 +24,7 @@ from detectron2.modeling.roi_heads import (
     select_foreground_proposals,
 )
 from detectron2.structures import Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
 
 from ..errors import ConfigError, check_choice
 from .fast_rcnn import LongTailFastRCNNOutputLayers, SeesawFastRCNNOutputLayers
@@ -141,7 +142,8 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
                 "(one per stage); build the heads with from_config."
             )
         self.stage_loss_weights = [float(w) for w in stage_loss_weights]
-        self._stage_proposals: List[List[Instances]] = []
+        # Each stage's labelled RoIs, recorded only while forward() trains per-stage mask heads.
+        self._stage_proposals: Optional[List[List[Instances]]] = None
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -217,12 +219,12 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             return super().forward(images, features, proposals, targets)
         del images
         proposals = self.label_and_sample_proposals(proposals, targets)
-        self._stage_proposals = []
+        self._stage_proposals = [] if self.per_stage_masks else None
         try:
             losses = self._forward_box(features, proposals, targets)
             stage_proposals = self._stage_proposals
         finally:
-            self._stage_proposals = []
+            self._stage_proposals = None
         if self.per_stage_masks:
             losses.update(self._per_stage_mask_losses(features, stage_proposals))
         else:
@@ -235,11 +237,14 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
 
     def _per_stage_mask_losses(self, features, stage_proposals):
         feats = [features[f] for f in self.mask_in_features]
+        storage = get_event_storage()
         losses = {}
         for k, proposals in enumerate(stage_proposals):
             fg, _ = select_foreground_proposals(proposals, self.num_classes)
             x = self.mask_pooler(feats, [p.proposal_boxes for p in fg])
-            for name, value in self.mask_head[k](x, fg).items():
+            with storage.name_scope(f"stage{k}"):  # each head's mask_rcnn/* metrics
+                stage_losses = self.mask_head[k](x, fg)
+            for name, value in stage_losses.items():
                 losses[f"{name}_stage{k}"] = value * self._stage_weight(k)
         return losses
 
@@ -260,7 +265,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         return proposals
 
     def _run_stage(self, features, proposals, stage):
-        if self.training and self.per_stage_masks:
+        if self.training and self._stage_proposals is not None:
             self._stage_proposals.append(proposals)
         if not (self.training and self.stage_loss_weights):
             return super()._run_stage(features, proposals, stage)
