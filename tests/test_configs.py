@@ -24,6 +24,7 @@ from fasa_seesaw.modeling import (
     box_predictors,
     resolve_cls_loss,
 )
+from fasa_seesaw.testing import toy_detection_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -38,6 +39,7 @@ def load(path, opts=()):
 
 def family(name):
     """(cascade, loss, FASA, normed mask) that a shipped config's file name promises."""
+    name = name.replace("_fasa_release", "")  # where the weights come from, not the method
     loss = "seesaw" if "seesaw" in name else "softmax_ce"
     normed = "normed_mask" in name or "normedmask" in name
     return ("cascade" in name, loss, "fasa" in name, normed)
@@ -124,7 +126,13 @@ class TestConfigs(unittest.TestCase):
                         held = [getattr(p, module) for p in predictors]
                         if held[0] is not None:
                             self.assertEqual(len({id(m) for m in held}), 3, "one per stage")
-                self.assertEqual(isinstance(heads.mask_head.predictor, NormedConv2d), normed_mask)
+                mask_heads = heads.mask_head
+                if isinstance(mask_heads, torch.nn.ModuleList):  # a mask head per cascade stage
+                    self.assertEqual(len(mask_heads), 3)
+                else:
+                    mask_heads = [mask_heads]
+                for mask_head in mask_heads:
+                    self.assertEqual(isinstance(mask_head.predictor, NormedConv2d), normed_mask)
                 del model
 
     def test_study_ablations_change_one_setting(self):
@@ -238,22 +246,7 @@ class TestSeesawHeadsForward(unittest.TestCase):
     """Train and inference forward passes of the Seesaw ROI heads inside a real Mask R-CNN."""
 
     def _batch(self, n_images=2, size=64, seed=0):
-        from detectron2.structures import Boxes, Instances, PolygonMasks
-
-        g = torch.Generator().manual_seed(seed)
-        out = []
-        for _ in range(n_images):
-            xy = torch.rand(3, 2, generator=g) * 30
-            boxes = torch.cat([xy, xy + 10 + torch.rand(3, 2, generator=g) * 15], dim=1)
-            inst = Instances((size, size))
-            inst.gt_boxes = Boxes(boxes)
-            inst.gt_classes = torch.randint(0, 30, (3,), generator=g)
-            inst.gt_masks = PolygonMasks(
-                [[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in boxes.tolist()]
-            )
-            image = torch.randint(0, 255, (3, size, size), generator=g).float()
-            out.append({"image": image, "instances": inst, "height": size, "width": size})
-        return out
+        return toy_detection_batch(n_images, size, seed)
 
     def test_cascade_stages(self):
         from detectron2.utils.events import EventStorage

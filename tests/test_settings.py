@@ -22,6 +22,12 @@ CASES = {
     "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER": (BOOL_BAD, [True, False]),
     "MODEL.ROI_BOX_HEAD.NORM_TEMP": ([0.0, -20.0, NAN, INF], [20.0, 0.5]),
     "MODEL.ROI_MASK_HEAD.NORM_TEMP": ([0.0, -1.0, NAN], [20.0, 1.0]),
+    "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE": (["mean", "Logits"], ["probs", "logits"]),
+    "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": (["each", 3], ["one", "per_stage"]),
+    "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": (
+        [[-1.0, 0.5, 0.25], [NAN], 1.0, ["1"]], [[], [1.0, 0.5, 0.25], (1, 1, 1)]
+    ),
+    "INPUT.RESIZE_BACKEND": (["opencv", "PIL", ""], ["pil", "cv2"]),
     "MODEL.SEESAW.P": ([-0.8, NAN, INF, True], [0.0, 0.8, 2]),
     "MODEL.SEESAW.Q": ([-2.0, NAN, INF], [0.0, 2.0]),
     "MODEL.SEESAW.EPS": ([0.0, -0.01, 1.5, NAN], [0.01, 1.0]),

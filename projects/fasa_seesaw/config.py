@@ -27,6 +27,21 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.ROI_BOX_HEAD.NORM_TEMP = 20.0
     # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
     _C.MODEL.ROI_MASK_HEAD.NORM_TEMP = 20.0
+    # Cascade heads (LongTailCascadeROIHeads): detectron2's cascade by default; the values in
+    # the comments are mmdetection's Cascade Mask R-CNN (configs/.../mmdet_converted).
+    # Test-time class scores: "probs", the mean of the stages' probabilities, or "logits", the
+    # mean of the stages' logits through the last predictor's activation (mmdetection).
+    _C.MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE = "probs"
+    # "one" mask head trained on the first stage's RoIs, or "per_stage" (mmdetection): a head per
+    # stage trained on that stage's RoIs, their mask probabilities averaged at test.
+    _C.MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS = "one"
+    # [] adds the stages' losses and scales the pooled features' gradient by 1/stages; one weight
+    # per stage multiplies its box and mask losses instead (mmdetection: [1.0, 0.5, 0.25]).
+    _C.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = []
+    # Image resize of the data mappers: "pil" (detectron2's ResizeShortestEdge: PIL bilinear,
+    # antialiased when shrinking) or "cv2" (mmdetection's Resize: OpenCV bilinear and mmcv's
+    # size rule, which is one pixel off detectron2's for some shapes).
+    _C.INPUT.RESIZE_BACKEND = "pil"
 
     _C.MODEL.SEESAW = CN()
     # Mitigation exponent p: M_ij = (N_j / N_i)^p when N_j < N_i. 0 switches mitigation off.

@@ -124,6 +124,29 @@ def toy_fasa_seesaw_predictor(feature_dim: int = 8, counts=TOY_COUNTS, cls=None,
 W, H = 160, 120  # the image size of random_lvis_case
 
 
+def toy_detection_batch(n_images=2, size=64, seed=0, num_classes=30, min_side=10.0):
+    """
+    A detectron2 training batch of random square images, each with 3 random boxes (sides
+    ``min_side`` to ``min_side`` + 15) of random classes and box-shaped polygon masks.
+    """
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_images):
+        xy = torch.rand(3, 2, generator=g) * 30
+        boxes = torch.cat([xy, xy + min_side + torch.rand(3, 2, generator=g) * 15], dim=1)
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, num_classes, (3,), generator=g)
+        inst.gt_masks = PolygonMasks(
+            [[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in boxes.tolist()]
+        )
+        image = torch.randint(0, 255, (3, size, size), generator=g).float()
+        out.append({"image": image, "instances": inst, "height": size, "width": size})
+    return out
+
+
 def _poly(x, y, w, h):
     return [x + w / 2, y, x + w, y + h / 3, x + w, y + 2 * h / 3, x + w / 2, y + h, x, y + h / 2]
 

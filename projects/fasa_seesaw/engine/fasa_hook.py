@@ -16,12 +16,13 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
+from ..data.resize import build_mapper
 from ..errors import ConfigError, check_choice
 from ..modeling.fasa import FASA
 from ..modeling.fasa_sampling import GROUP_SIGNALS, adapt_probabilities
@@ -264,9 +265,9 @@ class FASAAdaptationHook(HookBase):
     def _build_loader(self):
         cfg = self.cfg
         if self.augment:  # the training augmentations (random scale and flip), as the reference
-            mapper = DatasetMapper(cfg, is_train=True)
+            mapper = build_mapper(cfg, is_train=True)
         else:  # ground truth kept (is_train=True), but test-size resizing and no flip
-            mapper = DatasetMapper(
+            mapper = build_mapper(
                 cfg,
                 is_train=True,
                 augmentations=[

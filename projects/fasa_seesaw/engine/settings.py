@@ -11,12 +11,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Sequence
 
+from ..data.resize import RESIZE_BACKENDS
 from ..errors import ConfigError
 from ..evaluation.lvis_engines import ENGINES
 from ..evaluation.report import EXTRAS
 from ..modeling.cls_losses import cls_loss_names
 from ..modeling.fasa_feature_bank import _MODES, VARIANCES
 from ..modeling.fasa_sampling import GROUP_SIGNALS, INIT_PROBS
+from ..modeling.roi_heads import CASCADE_MASK_HEADS, SCORE_AVERAGES
 from .fasa_hook import CLUSTERING
 
 __all__ = ["SETTINGS", "Domain", "check_settings", "project_keys"]
@@ -95,6 +97,15 @@ def subset_of(choices: Sequence[str], hint: str = "") -> Domain:
     )
 
 
+def numbers(low: float = 0.0, hint: str = "") -> Domain:
+    """A list of finite numbers >= low (possibly empty)."""
+    return Domain(
+        f"a list of finite numbers >= {low:g} (or [])",
+        lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) and x >= low for x in v),
+        hint,
+    )
+
+
 def text(hint: str = "") -> Domain:
     return Domain("a string", lambda v: isinstance(v, str), hint)
 
@@ -110,6 +121,16 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER": boolean(),
         "MODEL.ROI_BOX_HEAD.NORM_TEMP": number(0.0, low_open=True, hint="the papers use 20"),
         "MODEL.ROI_MASK_HEAD.NORM_TEMP": number(0.0, low_open=True, hint="the papers use 20"),
+        "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE": one_of(
+            SCORE_AVERAGES, hint="mmdetection averages logits"
+        ),
+        "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": one_of(
+            CASCADE_MASK_HEADS, hint="mmdetection has one per stage"
+        ),
+        "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": numbers(
+            hint="one per stage; mmdetection uses [1.0, 0.5, 0.25]"
+        ),
+        "INPUT.RESIZE_BACKEND": one_of(RESIZE_BACKENDS, hint="mmdetection resizes with cv2"),
         "MODEL.SEESAW.P": number(0.0, hint="the paper uses 0.8; 0 switches mitigation off"),
         "MODEL.SEESAW.Q": number(0.0, hint="the paper uses 2.0; 0 switches compensation off"),
         "MODEL.SEESAW.EPS": number(0.0, 1.0, low_open=True, hint="the paper uses 0.01"),

@@ -20,6 +20,7 @@ from detectron2.evaluation import inference_on_dataset
 from ..data import prepare_datasets
 from ..data.counts import epoch_iterations
 from ..data.heldout import base_dataset
+from ..data.resize import build_mapper
 from ..data.resumable import resumable_training_dataset
 from ..errors import ConfigError, user_message
 from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
@@ -78,7 +79,7 @@ class Trainer(DefaultTrainer):
         prepare_on_main_process(cfg.DATASETS.TRAIN)
         # detectron2's own dataset, mapper and sampler choice, wrapped so that --resume re-enters
         # the data stream exactly where the run stopped (fasa_seesaw.data.resumable).
-        args = build_detection_train_loader.from_config(cfg)
+        args = build_detection_train_loader.from_config(cfg, mapper=build_mapper(cfg, True))
         dataset, positions = resumable_training_dataset(
             args["dataset"],
             args["mapper"],
@@ -152,7 +153,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         prepare_on_main_process([dataset_name])
-        return build_detection_test_loader(cfg, dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
 
     def build_hooks(self):
         # Atomic checkpoint files: swapped in before detectron2's hooks take the checkpointer.
@@ -250,7 +251,7 @@ def heldout_ap_fn(cfg):
     """FASA's metric signal: per-category box AP on the held-out set, the same on all processes."""
     name = cfg.MODEL.FASA.ADAPT.HELDOUT_DATASET
     evaluator = PerCategoryAPEvaluator(name, max_dets=cfg.TEST.DETECTIONS_PER_IMAGE)
-    loader = build_detection_test_loader(cfg, name)
+    loader = build_detection_test_loader(cfg, name, mapper=build_mapper(cfg, False))
 
     def fn(model):
         ap = inference_on_dataset(model, loader, evaluator).get("per_category_ap")

@@ -5,7 +5,13 @@ The project's ROI heads: detectron2's StandardROIHeads and CascadeROIHeads with
 The classification loss, the cosine classifier and FASA are chosen by config on the predictor.
 """
 
-from detectron2.layers import ShapeSpec
+import re
+from typing import List, Optional, Sequence
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler
@@ -14,9 +20,13 @@ from detectron2.modeling.roi_heads import (
     CascadeROIHeads,
     StandardROIHeads,
     build_box_head,
+    build_mask_head,
+    select_foreground_proposals,
 )
+from detectron2.structures import Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from .fast_rcnn import LongTailFastRCNNOutputLayers, SeesawFastRCNNOutputLayers
 
 __all__ = [
@@ -26,7 +36,13 @@ __all__ = [
     "FASACascadeROIHeads",
     "SeesawROIHeads",
     "SeesawCascadeROIHeads",
+    "SCORE_AVERAGES",
+    "CASCADE_MASK_HEADS",
 ]
+
+# How a cascade combines its stages' class scores at test, and how many mask heads it has.
+SCORE_AVERAGES = ("probs", "logits")
+CASCADE_MASK_HEADS = ("one", "per_stage")
 
 
 def _box_pooler(cfg, input_shape):
@@ -80,10 +96,63 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     CascadeROIHeads with :class:`LongTailFastRCNNOutputLayers` in every stage. Each stage keeps
     its own loss state (e.g. Seesaw's class counts) and FASA bank, since each stage samples its
     RoIs at its own IoU threshold.
+
+    Three switches (MODEL.ROI_BOX_CASCADE_HEAD) choose between detectron2's cascade and
+    mmdetection's Cascade Mask R-CNN, whose checkpoints the project converts:
+
+    - SCORE_AVERAGE: "probs" (detectron2) averages the stages' probabilities; "logits"
+      (mmdetection) averages the stages' logits, then applies the last predictor's activation.
+    - MASK_HEADS: "one" (detectron2) is a single mask head trained on the first stage's sampled
+      RoIs; "per_stage" (mmdetection) gives every stage a mask head trained on that stage's RoIs,
+      and at test the stages' mask probabilities on the final boxes are averaged.
+    - STAGE_LOSS_WEIGHTS: [] (detectron2) adds the stages' losses and scales the gradient into
+      the pooled box features by 1/stages; a weight per stage (mmdetection: 1, 0.5, 0.25)
+      multiplies that stage's box and mask losses, with no gradient scaling.
     """
 
     default_cls_loss = "auto"
     predictor_class = LongTailFastRCNNOutputLayers
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        score_average: str = "probs",
+        mask_heads: str = "one",
+        stage_loss_weights: Sequence[float] = (),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_choice("MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE", score_average, SCORE_AVERAGES)
+        check_choice("MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", mask_heads, CASCADE_MASK_HEADS)
+        n = self.num_cascade_stages
+        if stage_loss_weights and len(stage_loss_weights) != n:
+            raise ConfigError(
+                f"MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS has {len(stage_loss_weights)} "
+                f"weights for {n} stages; give one per stage (mmdetection: [1.0, 0.5, 0.25]) or "
+                "[] for detectron2's."
+            )
+        self.score_average = score_average
+        self.per_stage_masks = self.mask_on and mask_heads == "per_stage"
+        if self.per_stage_masks and (
+            not isinstance(self.mask_head, nn.ModuleList) or len(self.mask_head) != n
+        ):
+            raise ConfigError(
+                f"MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS per_stage needs {n} mask heads "
+                "(one per stage); build the heads with from_config."
+            )
+        self.stage_loss_weights = [float(w) for w in stage_loss_weights]
+        # Each stage's labelled RoIs, recorded only while forward() trains per-stage mask heads.
+        self._stage_proposals: Optional[List[List[Instances]]] = None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        c = cfg.MODEL.ROI_BOX_CASCADE_HEAD
+        ret["score_average"] = c.SCORE_AVERAGE
+        ret["mask_heads"] = c.MASK_HEADS
+        ret["stage_loss_weights"] = list(c.STAGE_LOSS_WEIGHTS)
+        return ret
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
@@ -124,12 +193,100 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             "proposal_matchers": proposal_matchers,
         }
 
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        # detectron2's one head; with MASK_HEADS per_stage, more of the same after it (so the
+        # first head's initial weights follow the seed as in the one-head model).
+        ret = super()._init_mask_head(cfg, input_shape)
+        if not cfg.MODEL.MASK_ON or cfg.MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS != "per_stage":
+            return ret
+        if not cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE:
+            raise ConfigError(
+                "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS per_stage pools RoI features: set "
+                "MODEL.ROI_MASK_HEAD.POOLER_TYPE (e.g. ROIAlignV2)."
+            )
+        res = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
+        channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+        shape = ShapeSpec(channels=channels, width=res, height=res)
+        n = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
+        heads = [ret["mask_head"]] + [build_mask_head(cfg, shape) for _ in range(n - 1)]
+        ret["mask_head"] = nn.ModuleList(heads)
+        return ret
+
+    # ------------------------------------------------------------------ training
+    def forward(self, images, features, proposals, targets=None):
+        if not (self.training and (self.per_stage_masks or self.stage_loss_weights)):
+            return super().forward(images, features, proposals, targets)
+        del images
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        self._stage_proposals = [] if self.per_stage_masks else None
+        try:
+            losses = self._forward_box(features, proposals, targets)
+            stage_proposals = self._stage_proposals
+        finally:
+            self._stage_proposals = None
+        if self.per_stage_masks:
+            losses.update(self._per_stage_mask_losses(features, stage_proposals))
+        else:
+            losses.update(self._forward_mask(features, proposals))
+        losses.update(self._forward_keypoint(features, proposals))
+        return proposals, losses
+
+    def _stage_weight(self, stage: int) -> float:
+        return self.stage_loss_weights[stage] if self.stage_loss_weights else 1.0
+
+    def _per_stage_mask_losses(self, features, stage_proposals):
+        feats = [features[f] for f in self.mask_in_features]
+        storage = get_event_storage()
+        losses = {}
+        for k, proposals in enumerate(stage_proposals):
+            fg, _ = select_foreground_proposals(proposals, self.num_classes)
+            x = self.mask_pooler(feats, [p.proposal_boxes for p in fg])
+            with storage.name_scope(f"stage{k}"):  # each head's mask_rcnn/* metrics
+                stage_losses = self.mask_head[k](x, fg)
+            for name, value in stage_losses.items():
+                losses[f"{name}_stage{k}"] = value * self._stage_weight(k)
+        return losses
+
+    @torch.no_grad()
+    def _match_and_label_boxes(self, proposals, stage, targets):
+        proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        if not self.per_stage_masks:
+            return proposals
+        # Every stage trains a mask head: its RoIs need the matched ground truth's masks too
+        # (detectron2 labels later stages with classes and boxes only). The same matcher on
+        # the same IoUs gives the same matches.
+        for props, trg in zip(proposals, targets):
+            if len(trg) == 0 or not trg.has("gt_masks"):
+                continue
+            iou = pairwise_iou(trg.gt_boxes, props.proposal_boxes)
+            matched_idxs, _ = self.proposal_matchers[stage](iou)
+            props.gt_masks = trg.gt_masks[matched_idxs]
+        return proposals
+
+    def _run_stage(self, features, proposals, stage):
+        if self.training and self._stage_proposals is not None:
+            self._stage_proposals.append(proposals)
+        if not (self.training and self.stage_loss_weights):
+            return super()._run_stage(features, proposals, stage)
+        # mmdetection's: stage losses weighted, no gradient scaling on the pooled features.
+        box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
+        box_features = self.box_head[stage](box_features)
+        return self.box_predictor[stage](box_features)
+
+    # ------------------------------------------------------------------ both
     def _forward_box(self, features, proposals, targets=None):
-        last = self.box_predictor[-1]
-        if self.training or not last.score_floor_active:
-            return super()._forward_box(features, proposals, targets)
-        # Top-K-per-class inference: detectron2's stage loop, then the last predictor's
-        # inference with the per-class score floor on the stage-averaged scores.
+        if self.training:
+            losses = super()._forward_box(features, proposals, targets)
+            if not self.stage_loss_weights:
+                return losses
+            weighted = {}
+            for name, value in losses.items():
+                stage = re.search(r"_stage(\d+)$", name)
+                weighted[name] = value * self._stage_weight(int(stage.group(1))) if stage else value
+            return weighted
+        # detectron2's stage loop, then the last predictor's inference on the combined scores
+        # (with the per-class score floor of top-K-per-class inference, when active).
         features = [features[f] for f in self.box_in_features]
         head_outputs = []
         prev_pred_boxes = None
@@ -140,15 +297,40 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             predictions = self._run_stage(features, proposals, k)
             prev_pred_boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
             head_outputs.append((self.box_predictor[k], predictions, proposals))
-        scores_per_stage = [h[0].predict_probs(h[1], h[2]) for h in head_outputs]
-        scores = [
-            sum(list(scores_per_image)) * (1.0 / self.num_cascade_stages)
-            for scores_per_image in zip(*scores_per_stage)
-        ]
         predictor, predictions, proposals = head_outputs[-1]
+        if self.score_average == "logits":
+            logits = sum(h[1][0] for h in head_outputs) / self.num_cascade_stages
+            scores = predictor.predict_probs((logits, None), proposals)
+        else:
+            scores_per_stage = [h[0].predict_probs(h[1], h[2]) for h in head_outputs]
+            scores = [
+                sum(list(scores_per_image)) * (1.0 / self.num_cascade_stages)
+                for scores_per_image in zip(*scores_per_stage)
+            ]
         boxes = predictor.predict_boxes(predictions, proposals)
         pred_instances, _ = predictor.inference_from_scores(boxes, scores, image_sizes)
         return pred_instances
+
+    # ------------------------------------------------------------------ inference
+    def _forward_mask(self, features, instances):
+        if self.training or not self.per_stage_masks:
+            return super()._forward_mask(features, instances)
+        # mmdetection's Cascade Mask R-CNN: every stage's head on the final boxes, the mean of
+        # their probabilities for each box's predicted class.
+        feats = [features[f] for f in self.mask_in_features]
+        x = self.mask_pooler(feats, [i.pred_boxes for i in instances])
+        classes = cat([i.pred_classes for i in instances])
+        rows = torch.arange(len(classes), device=classes.device)
+        probs = None
+        for head in self.mask_head:
+            logits = head.layers(x)
+            cls_index = classes if logits.shape[1] > 1 else torch.zeros_like(classes)
+            p = logits[rows, cls_index][:, None].sigmoid()
+            probs = p if probs is None else probs + p
+        probs = probs / len(self.mask_head)
+        for inst, p in zip(instances, probs.split([len(i) for i in instances])):
+            inst.pred_masks = p
+        return instances
 
 
 # The names the ROI heads had before one head served every loss; configs naming them keep working.
