@@ -271,6 +271,8 @@ def compare_detections(mm_inst, our_inst, image_max=None, scale=None):
             "label": int(ml[i]),
             "best_iou_same_class": float(best[i]),
             "our_lowest_score": float(os_.min()),
+            # mmdetection's detections of that class with exactly this score (ties)
+            "same_score_same_class": int(((ms == ms[i]) & (ml == ml[i])).sum()),
             **nms_offset_iou(mb[i], ob[j[i]], int(ml[i]), image_max, scale),
         }
         for i in torch.nonzero(~matched).flatten().tolist()[:10]
@@ -295,7 +297,22 @@ def compare_proposals(mm_props, our_props):
     iou = box_iou(mb, ob)
     best, j = iou.max(dim=1)
     same = best > 0.9999
+    # what the unmatched ones are: rank, score, and the IoU with our nearest proposal (the RPN's
+    # NMS threshold is 0.7)
+    order = torch.argsort(ms, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    unmatched = [
+        {
+            "rank": int(rank[i]),
+            "score": float(ms[i]),
+            "best_iou": float(best[i]),
+            "same_score": int((ms == ms[i]).sum()),
+        }
+        for i in torch.nonzero(~same).flatten().tolist()[:10]
+    ]
     return {
+        "unmatched": unmatched,
         "mmdet": len(mb),
         "ours": len(ob),
         "same_box": int(same.sum()),
