@@ -78,6 +78,9 @@ def parse_args(argv=None):
     )
     ap.add_argument("--models", nargs="+", type=int, help="indices into the model list")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--report-only", action="store_true", help="rebuild equality.md from <out>/equality.json"
+    )
     return ap.parse_args(argv)
 
 
@@ -271,6 +274,8 @@ def compare_detections(mm_inst, our_inst, image_max=None, scale=None):
             "label": int(ml[i]),
             "best_iou_same_class": float(best[i]),
             "our_lowest_score": float(os_.min()),
+            # mmdetection's detections of that class with exactly this score (ties)
+            "same_score_same_class": int(((ms == ms[i]) & (ml == ml[i])).sum()),
             **nms_offset_iou(mb[i], ob[j[i]], int(ml[i]), image_max, scale),
         }
         for i in torch.nonzero(~matched).flatten().tolist()[:10]
@@ -295,7 +300,22 @@ def compare_proposals(mm_props, our_props):
     iou = box_iou(mb, ob)
     best, j = iou.max(dim=1)
     same = best > 0.9999
+    # what the unmatched ones are: rank, score, and the IoU with our nearest proposal (the RPN's
+    # NMS threshold is 0.7)
+    order = torch.argsort(ms, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    unmatched = [
+        {
+            "rank": int(rank[i]),
+            "score": float(ms[i]),
+            "best_iou": float(best[i]),
+            "same_score": int((ms == ms[i]).sum()),
+        }
+        for i in torch.nonzero(~same).flatten().tolist()[:10]
+    ]
     return {
+        "unmatched": unmatched,
         "mmdet": len(mb),
         "ours": len(ob),
         "same_box": int(same.sum()),
@@ -468,7 +488,8 @@ def own(r):
 
 
 def markdown(rows):
-    lines = ["| model | stage | measure | over the images |", "| --- | --- | --- | --- |"]
+    """One row per measure, one column per model."""
+    table = None
     for row in rows:
         ims = row["images"]
         cells = [
@@ -497,18 +518,26 @@ def markdown(rows):
             ("own pre-processing", "detections matched, of mmdetection's",
              _frac(ims, lambda r: own(r)["detections"]["matched"],
                    lambda r: own(r)["detections"]["mmdet"])),
-            ("own pre-processing", "same class at IoU > 0.9, of mmdetection's; mean score diff",
-             _frac(ims, lambda r: own(r)["detections"]["same_class_iou_0.9"],
-                   lambda r: own(r)["detections"]["mmdet"]) + "; "
-             + _worst(ims, lambda r: own(r)["detections"]["mean_score_diff_iou_0.9"], ".2g")),
         ]  # fmt: skip
-        for i, (stage, measure, value) in enumerate(cells):
-            lines.append(f"| {row['model'] if i == 0 else ''} | {stage} | {measure} | {value} |")
+        if table is None:
+            table = [[stage, measure] for stage, measure, _ in cells]
+        for line, (_, _, value) in zip(table, cells):
+            line.append(value)
+    header = ["stage", "measure"] + [r["model"] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in table or []]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report_only:  # the table again, from <out>/equality.json
+        with open(os.path.join(args.out, "equality.json")) as f:
+            table = markdown(json.load(f)["models"])
+        with open(os.path.join(args.out, "equality.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return 0
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     images = study_images(args.images)
