@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fasa_seesaw.engine.checkpoint import final_iteration
-from fasa_seesaw.testing import SMOKE_OPTS
+from fasa_seesaw.testing import SMOKE_OPTS, checkpoint_model
 
 pytestmark = pytest.mark.slow  # training, subprocesses or several processes
 
@@ -51,10 +51,6 @@ def train(out, opts, resume=False, kill=None):
     cmd += OPTS + opts + ["OUTPUT_DIR", out]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def model_state(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 class TestKillAndResume(unittest.TestCase):
@@ -114,8 +110,8 @@ class TestKillAndResume(unittest.TestCase):
         self.assertFalse([n for n in os.listdir(out) if n.endswith(".tmp")])
         final = os.path.join(out, "model_final.pth")
         self.assertEqual(final_iteration(final), final_iteration(reference))
-        ref = model_state(reference)
-        got = model_state(final)
+        ref = checkpoint_model(reference)
+        got = checkpoint_model(final)
         self.assertEqual(set(got), set(ref))
         for k, v in ref.items():
             torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)

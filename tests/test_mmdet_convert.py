@@ -30,6 +30,7 @@ from fasa_seesaw.modelzoo import (
     lvis_v1_names,
 )
 from fasa_seesaw.modelzoo.layout import cascade_mask_rcnn_state, checkpoint, mask_rcnn_state
+from fasa_seesaw.testing import checkpoint_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZOO = os.path.join(ROOT, "configs/LVISv1-InstanceSegmentation/mmdet_converted")
@@ -87,7 +88,7 @@ def convert(main, state, config, tmp, classes=None, extra=()):
     src, dst = os.path.join(tmp, "in.pth"), os.path.join(tmp, "out.pth")
     torch.save(checkpoint(state, classes or mmdet_names()), src)
     rc = main([src, dst, "--config", os.path.join(ZOO, config), *extra])
-    return rc, (torch.load(dst, weights_only=True)["model"] if rc == 0 else None)
+    return rc, (checkpoint_model(dst) if rc == 0 else None)
 
 
 class ConverterCase(unittest.TestCase):

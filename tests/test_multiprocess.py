@@ -16,7 +16,7 @@ import unittest
 import pytest
 import torch
 
-from fasa_seesaw.testing import SMOKE_OPTS
+from fasa_seesaw.testing import SMOKE_OPTS, checkpoint_model
 
 pytestmark = pytest.mark.slow  # training, subprocesses or several processes
 
@@ -54,8 +54,7 @@ def run(cmd, **env):
 
 
 def final_model(out):
-    path = os.path.join(out, "model_final.pth")
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return checkpoint_model(os.path.join(out, "model_final.pth"))
 
 
 class TestMultiProcess(unittest.TestCase):

@@ -22,8 +22,6 @@ import argparse
 import os
 import pickle
 import sys
-import tempfile
-import zipfile
 import torch
 
 from detectron2.config import get_cfg
@@ -33,7 +31,7 @@ from detectron2.modeling import build_model
 from fasa_seesaw import add_fasa_seesaw_config
 from fasa_seesaw.config import merge_config
 from fasa_seesaw.data import DATASET_ARG_HELP, register_dataset_args
-from fasa_seesaw.engine.checkpoint import training_state_keys
+from fasa_seesaw.engine.checkpoint import exclusive_write, is_checkpoint_file, training_state_keys
 from fasa_seesaw.engine.settings import check_settings
 from fasa_seesaw.errors import ConfigError, is_project_error, user_message
 from fasa_seesaw.modelzoo import (
@@ -74,9 +72,7 @@ def parse_args(argv=None):
 def load_checkpoint(path: str, allow_pickle: bool) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"the checkpoint {path!r} does not exist.")
-    with open(path, "rb") as f:
-        pickled = f.read(1) == b"\x80"
-    if not (zipfile.is_zipfile(path) or pickled):
+    if not is_checkpoint_file(path):
         raise ConversionError(f"{path!r} is not a torch checkpoint (truncated or another format).")
     try:
         try:
@@ -99,29 +95,6 @@ def load_checkpoint(path: str, allow_pickle: bool) -> dict:
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dict.")
     return ckpt
-
-
-def write_new(path: str, write) -> None:
-    """``write(f)`` into a fresh temporary file beside ``path``, flushed to disk, then linked to
-    ``path`` only if nothing is there: an existing file is never replaced, even one created
-    while the conversion ran."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise ConfigError(
-                f"{path!r} appeared while converting; it is never overwritten. Remove it or "
-                "choose another name."
-            ) from None
-    finally:
-        os.remove(tmp)
 
 
 def dataset_classes(cfg):
@@ -194,7 +167,13 @@ def convert(args) -> int:
         "source": os.path.basename(args.input),
         "config": os.path.basename(args.config),
     }
-    write_new(args.output, lambda f: torch.save(payload, f))
+    try:
+        exclusive_write(args.output, lambda f: torch.save(payload, f))
+    except FileExistsError:
+        raise ConfigError(
+            f"{args.output!r} appeared while converting; it is never overwritten. Remove it or "
+            "choose another name."
+        ) from None
     print(f"converted {len(state)} checkpoint tensors into {len(out)} model tensors")
     for note in notes:
         print(f"  {note}")

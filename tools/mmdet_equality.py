@@ -221,6 +221,14 @@ def box_iou(a, b):
     return iou(a.double(), b.double())
 
 
+def score_ranks(scores):
+    """Each entry's place in descending score order (0: the highest)."""
+    order = torch.argsort(scores, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return rank
+
+
 def nms_offset_iou(a, b, label, max_coordinate, scale):
     """The IoU of two same-class boxes as torchvision's per-class NMS sees it (float32, their
     own coordinates) and as mmcv's batched_nms sees it (float32, both shifted by
@@ -264,9 +272,7 @@ def compare_detections(mm_inst, our_inst, image_max=None, scale=None):
         "max_score_diff": float(ds[same].max()) if same.any() else None,
     }
     # what the unmatched ones are (rank in mmdetection's score order, and the nearest of ours)
-    order = torch.argsort(ms, descending=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
+    rank = score_ranks(ms)
     out["unmatched"] = [
         {
             "rank": int(rank[i]),
@@ -302,9 +308,7 @@ def compare_proposals(mm_props, our_props):
     same = best > 0.9999
     # what the unmatched ones are: rank, score, and the IoU with our nearest proposal (the RPN's
     # NMS threshold is 0.7)
-    order = torch.argsort(ms, descending=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
+    rank = score_ranks(ms)
     unmatched = [
         {
             "rank": int(rank[i]),

@@ -27,6 +27,11 @@ __all__ = [
 ]
 
 
+def checkpoint_model(path):
+    """The model state dict of a checkpoint file (as DetectionCheckpointer saves it)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
 def toy_lvis_gt():
     """Three images, one box each, of three classes (frequent, common, rare); each image lists
     the other two classes as verified negatives."""

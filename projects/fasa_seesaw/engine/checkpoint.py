@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import tempfile
 import zipfile
 from typing import List, Optional
 from urllib.parse import urlparse
@@ -59,6 +60,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_synced(f, write) -> None:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def atomic_write(path: str, write) -> None:
     """
     ``write(f)`` into ``path + ".tmp"``, flushed to disk, then renamed over ``path``: readers
@@ -67,15 +74,39 @@ def atomic_write(path: str, write) -> None:
     tmp = path + _TMP_SUFFIX
     try:
         with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_synced(f, write)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+def exclusive_write(path: str, write) -> None:
+    """
+    ``write(f)`` into a fresh temporary file beside ``path``, flushed to disk, then linked to
+    ``path`` only if nothing is there (FileExistsError otherwise): an existing file is never
+    replaced, even one created while ``write`` ran. The temporary file is always removed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=_TMP_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_synced(f, write)
+        os.link(tmp, path)
+    finally:
+        os.remove(tmp)
+    _fsync_dir(folder)
+
+
+def is_checkpoint_file(path: str) -> bool:
+    """Whether ``path`` looks like a checkpoint, without loading it: a zip archive as torch.save
+    writes, or a pickle (a legacy torch file or a detectron2 .pkl)."""
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"
+    return zipfile.is_zipfile(path) or pickled
 
 
 def _is_disk_full(e: Optional[BaseException]) -> bool:
@@ -258,9 +289,7 @@ def check_weights_file(weights: str, *, allow_untrained: bool = False) -> None:
         return  # a URL: fetched (and checked) when it loads
     if not os.path.isfile(local):
         raise CheckpointError(f"the checkpoint {weights!r} (MODEL.WEIGHTS) does not exist.")
-    with open(local, "rb") as f:
-        pickled = f.read(1) == b"\x80"
-    if not (zipfile.is_zipfile(local) or pickled):
+    if not is_checkpoint_file(local):
         raise CheckpointError(
             f"{weights!r} ({os.path.getsize(local)} bytes; MODEL.WEIGHTS) is not a readable "
             "checkpoint: it is truncated, damaged or not a .pth/.pkl file; use a complete one."
