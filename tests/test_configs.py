@@ -76,6 +76,9 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(
                     cfg.MODEL.ROI_MASK_HEAD.NAME == "NormedMaskRCNNConvUpsampleHead", normed_mask
                 )
+                nr = "_nr_" in name  # NMS re-sampling
+                self.assertEqual(cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED, nr)
+                self.assertEqual(cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LongTailRPN", nr)
 
     def test_one_model_per_family_builds_with_its_outputs(self):
         """One config per (architecture, loss, FASA, mask head) family is built: predictor type,
@@ -160,6 +163,14 @@ class TestConfigs(unittest.TestCase):
             ("fasa_seesaw", "fasa_seesaw_static"): {"MODEL.FASA.ADAPT.ENABLED": False},
             ("fasa_seesaw", "fasa_seesaw_uniform"): {"MODEL.FASA.INIT_PROBS": "uniform"},
             ("fasa_seesaw", "fasa_seesaw_light"): {"MODEL.FASA.LOSS_WEIGHT": 0.02},
+            ("ce", "nr"): {
+                "MODEL.PROPOSAL_GENERATOR.NAME": "LongTailRPN",
+                "MODEL.RPN.NMS_RESAMPLING.ENABLED": True,
+            },
+            ("fasa", "fasa_nr"): {
+                "MODEL.PROPOSAL_GENERATOR.NAME": "LongTailRPN",
+                "MODEL.RPN.NMS_RESAMPLING.ENABLED": True,
+            },
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):

@@ -28,6 +28,14 @@ CASES = {
         [[-1.0, 0.5, 0.25], [NAN], 1.0, ["1"]], [[], [1.0, 0.5, 0.25], (1, 1, 1)]
     ),
     "INPUT.RESIZE_BACKEND": (["opencv", "PIL", ""], ["pil", "cv2"]),
+    "MODEL.RPN.NMS_RESAMPLING.ENABLED": (BOOL_BAD, [True, False]),
+    "MODEL.RPN.NMS_RESAMPLING.MODE": (["linear", "Discrete"], ["discrete", "matched"]),
+    # IoU thresholds of rare, common, frequent: each in (0, 1].
+    "MODEL.RPN.NMS_RESAMPLING.THRESHOLDS": (
+        [[0.9, 0.8], [0.9, 0.8, 0.0], [1.1, 0.8, 0.7], [NAN, 0.8, 0.7], 0.9],
+        [[0.9, 0.8, 0.7], (1.0, 1.0, 1.0), [0.5, 0.6, 0.7]],
+    ),
+    "MODEL.RPN.NMS_RESAMPLING.MATCH_IOU": ([-0.1, 1.5, NAN], [0.0, 0.3, 1.0]),
     "MODEL.SEESAW.P": ([-0.8, NAN, INF, True], [0.0, 0.8, 2]),
     "MODEL.SEESAW.Q": ([-2.0, NAN, INF], [0.0, 2.0]),
     "MODEL.SEESAW.EPS": ([0.0, -0.01, 1.5, NAN], [0.01, 1.0]),

@@ -43,6 +43,22 @@ def add_fasa_seesaw_config(cfg):
     # size rule, which is one pixel off detectron2's for some shapes).
     _C.INPUT.RESIZE_BACKEND = "pil"
 
+    # NMS re-sampling (Forest R-CNN; FASA supplement Table 8) in the training-time NMS of the RPN
+    # (MODEL.PROPOSAL_GENERATOR.NAME "LongTailRPN"): a proposal near a rare object survives NMS
+    # up to a higher IoU than one near a frequent object. Test-time NMS stays MODEL.RPN.NMS_THRESH.
+    _C.MODEL.RPN.NMS_RESAMPLING = CN()
+    _C.MODEL.RPN.NMS_RESAMPLING.ENABLED = False
+    # "discrete" (the official LVIS configs: one NMS per group, each keeping the survivors near
+    # that group's ground truth; the frequent pass keeps those near no rare or common one) or
+    # "matched" (each proposal takes the group of the ground truth it overlaps most, and one NMS
+    # runs with each kept proposal's own threshold).
+    _C.MODEL.RPN.NMS_RESAMPLING.MODE = "discrete"
+    # NMS IoU thresholds for proposals of rare, common and frequent classes; proposals on no
+    # object use the frequent one.
+    _C.MODEL.RPN.NMS_RESAMPLING.THRESHOLDS = [0.9, 0.8, 0.7]
+    # IoU with a ground-truth box from which a proposal belongs to that box's group.
+    _C.MODEL.RPN.NMS_RESAMPLING.MATCH_IOU = 0.3
+
     _C.MODEL.SEESAW = CN()
     # Mitigation exponent p: M_ij = (N_j / N_i)^p when N_j < N_i. 0 switches mitigation off.
     _C.MODEL.SEESAW.P = 0.8

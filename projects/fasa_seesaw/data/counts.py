@@ -6,12 +6,13 @@ import math
 import numpy as np
 from typing import Sequence, Tuple
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = [
     "COMMON_MAX_IMAGES",
     "FREQUENCY_GROUPS",
     "RARE_MAX_IMAGES",
+    "class_frequency",
     "epoch_iterations",
     "image_counts_of",
     "instance_counts_of",
@@ -73,3 +74,21 @@ def epoch_iterations(dataset_names: Sequence[str], ims_per_batch: int, num_class
     """Iterations in one pass over the training images at the given global batch size."""
     total = sum(_summary(name, num_classes)[0] for name in dataset_names)
     return max(1, math.ceil(total / ims_per_batch))
+
+
+def class_frequency(dataset_names: Sequence[str], num_classes: int) -> np.ndarray:
+    """
+    LVIS frequency group ("r", "c" or "f") per contiguous class id of the training datasets: the
+    first dataset's ``thing_frequency`` metadata, else the groups of its ``class_image_count``
+    (detectron2's LVIS v1 metadata), else of the image counts of all the datasets (loads them).
+    """
+    meta = MetadataCatalog.get(dataset_names[0])
+    frequency = meta.get("thing_frequency", None)
+    if frequency is not None and len(frequency) == num_classes:
+        return np.asarray(frequency).astype("<U1")
+    image_counts = meta.get("class_image_count", None)
+    if image_counts is not None and len(image_counts) == num_classes:
+        counts = [c["image_count"] for c in sorted(image_counts, key=lambda c: c["id"])]
+    else:
+        counts = image_counts_of(tuple(dataset_names), num_classes)
+    return lvis_frequency(counts)

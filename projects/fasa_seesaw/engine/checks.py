@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
 from ..errors import ConfigError
@@ -41,10 +42,20 @@ def check_schedule(solver):
 
 
 def check_model(cfg):
-    """The ROI head, its classification loss and FASA fit together."""
+    """The proposal generator, the ROI head, its classification loss and FASA fit together."""
     from ..modeling.fast_rcnn import project_predictor_error
+    from ..modeling.nms_resampling import LongTailRPN
     from ..modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
+    generator = cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    if cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED and not (
+        generator in PROPOSAL_GENERATOR_REGISTRY
+        and issubclass(PROPOSAL_GENERATOR_REGISTRY.get(generator), LongTailRPN)
+    ):
+        raise ConfigError(
+            f"MODEL.RPN.NMS_RESAMPLING.ENABLED needs MODEL.PROPOSAL_GENERATOR.NAME 'LongTailRPN' "
+            f"(detectron2's RPN with NMS re-sampling); it is {generator!r}."
+        )
     head = cfg.MODEL.ROI_HEADS.NAME
     ours = (LongTailROIHeads, LongTailCascadeROIHeads)
     if head not in ROI_HEADS_REGISTRY:

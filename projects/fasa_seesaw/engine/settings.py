@@ -18,6 +18,7 @@ from ..evaluation.report import EXTRAS
 from ..modeling.cls_losses import cls_loss_names
 from ..modeling.fasa_feature_bank import _MODES, VARIANCES
 from ..modeling.fasa_sampling import GROUP_SIGNALS, INIT_PROBS
+from ..modeling.nms_resampling import NMS_RESAMPLING_MODES
 from ..modeling.roi_heads import CASCADE_MASK_HEADS, SCORE_AVERAGES
 from .fasa_hook import CLUSTERING
 
@@ -131,6 +132,18 @@ def _settings() -> Dict[str, Domain]:
             hint="one per stage; mmdetection uses [1.0, 0.5, 0.25]"
         ),
         "INPUT.RESIZE_BACKEND": one_of(RESIZE_BACKENDS, hint="mmdetection resizes with cv2"),
+        "MODEL.RPN.NMS_RESAMPLING.ENABLED": boolean(),
+        "MODEL.RPN.NMS_RESAMPLING.MODE": one_of(
+            NMS_RESAMPLING_MODES, hint="the official LVIS configs use discrete"
+        ),
+        "MODEL.RPN.NMS_RESAMPLING.THRESHOLDS": Domain(
+            "three IoU thresholds in (0, 1] for rare, common and frequent",
+            lambda v: isinstance(v, (list, tuple))
+            and len(v) == 3
+            and all(_is_number(x) and 0.0 < x <= 1.0 for x in v),
+            "Forest R-CNN uses [0.9, 0.8, 0.7]",
+        ),
+        "MODEL.RPN.NMS_RESAMPLING.MATCH_IOU": number(0.0, 1.0, hint="Forest R-CNN uses 0.3"),
         "MODEL.SEESAW.P": number(0.0, hint="the paper uses 0.8; 0 switches mitigation off"),
         "MODEL.SEESAW.Q": number(0.0, hint="the paper uses 2.0; 0 switches compensation off"),
         "MODEL.SEESAW.EPS": number(0.0, 1.0, low_open=True, hint="the paper uses 0.01"),

@@ -1,5 +1,5 @@
 # Copyright (c) fasa_seesaw contributors.
-from . import normed_mask_head, roi_heads  # noqa: F401  (registration)
+from . import nms_resampling, normed_mask_head, roi_heads  # noqa: F401  (registration)
 from .cls_losses import build_cls_loss, cls_loss_names, register_cls_loss, resolve_cls_loss
 from .fasa import FASA, fasa_from_config
 from .fasa_feature_bank import ClassFeatureBank
@@ -9,6 +9,7 @@ from .fast_rcnn import (
     SeesawFastRCNNOutputLayers,
     box_predictors,
 )
+from .nms_resampling import LongTailRPN
 from .normed_layers import NormedConv2d, NormedLinear
 from .normed_mask_head import NormedMaskRCNNConvUpsampleHead
 from .roi_heads import (
