@@ -76,6 +76,9 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(
                     cfg.MODEL.ROI_MASK_HEAD.NAME == "NormedMaskRCNNConvUpsampleHead", normed_mask
                 )
+                self.assertEqual(
+                    cfg.TEST.AUG.ENABLED, name.endswith("_tta.yaml") or "_tta_" in name
+                )
                 nr = "_nr_" in name  # NMS re-sampling
                 self.assertEqual(cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED, nr)
                 self.assertEqual(cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LongTailRPN", nr)
@@ -181,6 +184,21 @@ class TestConfigs(unittest.TestCase):
                     self.assertEqual(b["MODEL.FASA.ADAPT.HELDOUT_FRACTION"], 0.05)
                     diff.pop("MODEL.FASA.ADAPT.HELDOUT_FRACTION", None)
                 self.assertEqual(diff, expected)
+
+    def test_lvis_tta_scales(self):
+        """The LVIS TTA variants: the Seesaw entry's scales, flipped, on their base recipe."""
+        lvis = os.path.join(ROOT, "configs", "LVISv1-InstanceSegmentation")
+        variants = glob.glob(os.path.join(lvis, "*_tta.yaml"))
+        self.assertGreaterEqual(len(variants), 2)
+        for path in variants:
+            with self.subTest(config=os.path.basename(path)):
+                cfg = load(path)
+                self.assertEqual(tuple(cfg.TEST.AUG.MIN_SIZES), (1200, 1400, 1600, 1800, 2000))
+                self.assertTrue(cfg.TEST.AUG.FLIP)
+                base = load(path.replace("_tta.yaml", ".yaml"))
+                self.assertEqual(cfg.MODEL, base.MODEL)
+                self.assertFalse(base.TEST.AUG.ENABLED)
+                check_config(cfg)
 
     def test_lvis_recipe_values(self):
         cfg = load(

@@ -24,7 +24,10 @@ logger = logging.getLogger(__name__)
 
 def check_config(cfg):
     """Raise ConfigError naming the problem and the fix; returns None when all is well."""
+    from ..modeling.tta import check_tta
+
     check_settings(cfg)
+    check_tta(cfg)
     check_schedule(cfg.SOLVER)
     check_model(cfg)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:

@@ -25,6 +25,7 @@ from ..data.resumable import resumable_training_dataset
 from ..errors import ConfigError, user_message
 from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
 from ..evaluation.topk_inference import per_class_score_floor
+from ..modeling.tta import build_tta_model, tta_test_mapper
 from .checkpoint import CrashSafeCheckpointer, check_resume_files, final_iteration
 from .fasa_hook import FASAAdaptationHook
 from .grad_stats import build_grad_stats_hook
@@ -72,6 +73,20 @@ class Trainer(DefaultTrainer):
             with per_class_score_floor(model, evaluator.score_floor, cap):
                 results[name] = super().test(one, model, [evaluator])
         return results if len(results) != 1 else next(iter(results.values()))
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` with test-time augmentation (TEST.AUG); the results' top-level
+        keys get "_TTA" appended (bbox_TTA, segm_TTA; or <dataset>_TTA with several test sets),
+        and the files go to OUTPUT_DIR/inference_TTA/<dataset>."""
+        logger.info("Running inference with test-time augmentation ...")
+        tta = build_tta_model(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = _OriginalSizeTestLoader.test(cfg, tta, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in results.items())
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -184,6 +199,16 @@ class Trainer(DefaultTrainer):
             # Before the writer, which is the last hook.
             hooks.insert(len(hooks) - 1, ProgressHook(period, cfg.SOLVER.MAX_ITER))
         return hooks
+
+
+class _OriginalSizeTestLoader(Trainer):
+    """The trainer's test loop with images at their original size (test-time augmentation
+    resizes each of its scales from the original pixels)."""
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        prepare_on_main_process([dataset_name])
+        return build_detection_test_loader(cfg, dataset_name, mapper=tta_test_mapper(cfg))
 
 
 class _DropTraceback(logging.Filter):
