@@ -79,6 +79,7 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(
                     cfg.TEST.AUG.ENABLED, name.endswith("_tta.yaml") or "_tta_" in name
                 )
+                self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED, "dual_head" in name)
                 nr = "_nr_" in name  # NMS re-sampling
                 self.assertEqual(cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED, nr)
                 self.assertEqual(cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LongTailRPN", nr)
@@ -89,7 +90,7 @@ class TestConfigs(unittest.TestCase):
         chosen = {}
         for path in CONFIGS:
             name = os.path.basename(path).lower()
-            if name.startswith("base-"):
+            if name.startswith("base-") or "dual_head" in name:  # (tests/test_dual_head.py)
                 continue
             chosen.setdefault(family(name), path)
         # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw; Cascade: CE, Seesaw,

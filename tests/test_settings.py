@@ -21,6 +21,7 @@ CASES = {
     "MODEL.ROI_BOX_HEAD.CLS_LOSS": (["focal", "", "Seesaw"], ["auto", "seesaw", "softmax_ce"]),
     "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER": (BOOL_BAD, [True, False]),
     "MODEL.ROI_BOX_HEAD.NORM_TEMP": ([0.0, -20.0, NAN, INF], [20.0, 0.5]),
+    "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED": (BOOL_BAD, [True, False]),
     "MODEL.ROI_MASK_HEAD.NORM_TEMP": ([0.0, -1.0, NAN], [20.0, 1.0]),
     "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE": (["mean", "Logits"], ["probs", "logits"]),
     "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": (["each", 3], ["one", "per_stage"]),

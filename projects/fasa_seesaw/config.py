@@ -25,6 +25,13 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER = False
     # Temperature (scale) of the cosine classifier.
     _C.MODEL.ROI_BOX_HEAD.NORM_TEMP = 20.0
+    # Dual-head classification (Seesaw supplement 4.2), a second training stage: a new classifier
+    # beside each box predictor's (every cascade stage), of the same kind and loss, trained from
+    # MODEL.WEIGHTS (the trained model) with the rest of the model frozen; at test the two
+    # classifiers' scores are averaged. The stage's sampler and schedule are the config's own
+    # (the Seesaw entry: RFS, 1x).
+    _C.MODEL.ROI_BOX_HEAD.DUAL_HEAD = CN()
+    _C.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED = False
     # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
     _C.MODEL.ROI_MASK_HEAD.NORM_TEMP = 20.0
     # Cascade heads (LongTailCascadeROIHeads): detectron2's cascade by default; the values in

@@ -72,6 +72,7 @@ def check_model(cfg):
                 ("MODEL.ROI_BOX_HEAD.CLS_LOSS", cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS != "auto"),
                 ("TEST.LVIS.TOPK_PER_CLASS", cfg.TEST.LVIS.TOPK_PER_CLASS > 0),
                 ("FASA_SEESAW.GRAD_STATS.ENABLED", cfg.FASA_SEESAW.GRAD_STATS.ENABLED),
+                ("MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED", cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED),
             )
             if on
         ]
@@ -79,6 +80,17 @@ def check_model(cfg):
             raise project_predictor_error(extras, f"MODEL.ROI_HEADS.NAME is {head!r}")
         return
     resolve_cls_loss(cfg)  # CLS_LOSS against USE_SIGMOID_CE / USE_FED_LOSS
+    if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+        if not cfg.MODEL.WEIGHTS:
+            raise ConfigError(
+                "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED trains a second classifier on a trained "
+                "model, but MODEL.WEIGHTS is empty: set it to the first stage's model_final.pth."
+            )
+        if cfg.MODEL.FASA.ENABLED:
+            raise ConfigError(
+                "The dual-head stage trains a second classifier on a frozen model; FASA cannot be "
+                "part of it. Set MODEL.FASA.ENABLED False for that stage."
+            )
     if cfg.MODEL.FASA.ENABLED and cfg.MODEL.ROI_BOX_HEAD.NUM_FC < 1:
         raise ConfigError(
             "FASA models the box head's last fully-connected feature, but "

@@ -121,6 +121,7 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.ROI_BOX_HEAD.CLS_LOSS": one_of(("auto",) + tuple(cls_loss_names())),
         "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER": boolean(),
         "MODEL.ROI_BOX_HEAD.NORM_TEMP": number(0.0, low_open=True, hint="the papers use 20"),
+        "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED": boolean(),
         "MODEL.ROI_MASK_HEAD.NORM_TEMP": number(0.0, low_open=True, hint="the papers use 20"),
         "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE": one_of(
             SCORE_AVERAGES, hint="mmdetection averages logits"

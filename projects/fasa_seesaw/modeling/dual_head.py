@@ -1,0 +1,38 @@
+# Copyright (c) fasa_seesaw contributors.
+"""
+The dual-head classification stage (Seesaw supplement 4.2): after a model is trained, a new
+classifier is trained beside each box predictor's own (every cascade stage) with everything else
+frozen, and inference averages the two classifiers' scores. The predictor holds the second
+classifier (``dual_cls_score``, :class:`~.fast_rcnn.LongTailFastRCNNOutputLayers`); this module
+freezes the rest and tells its state-dict keys apart.
+"""
+
+from typing import Iterable, List
+
+from detectron2.layers import FrozenBatchNorm2d
+
+__all__ = ["DUAL_HEAD_MODULES", "freeze_for_dual_head", "is_dual_head_key", "non_dual_head_keys"]
+
+# The predictor's attributes that the dual-head stage adds (and trains).
+DUAL_HEAD_MODULES = ("dual_cls_score", "dual_cls_loss")
+
+
+def is_dual_head_key(key: str) -> bool:
+    """Whether a parameter or state-dict key belongs to a dual-head classifier or its loss."""
+    return any(f".{m}." in f".{key}" for m in DUAL_HEAD_MODULES)
+
+
+def non_dual_head_keys(keys: Iterable[str]) -> List[str]:
+    return [k for k in keys if not is_dual_head_key(k)]
+
+
+def freeze_for_dual_head(model):
+    """
+    Freeze every part of ``model`` but the dual-head classifiers: their parameters alone keep
+    ``requires_grad``, and BatchNorm layers become FrozenBatchNorm2d (training mode would update
+    their running statistics). Returns the model (its BatchNorm children replaced in place).
+    """
+    FrozenBatchNorm2d.convert_frozen_batchnorm(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_dual_head_key(name))
+    return model
