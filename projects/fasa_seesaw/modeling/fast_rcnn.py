@@ -80,6 +80,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             self.cls_score = nn.Linear(in_features, num_logits)
             nn.init.normal_(self.cls_score.weight, std=0.01)
             nn.init.constant_(self.cls_score.bias, 0)
+        if hasattr(cls_loss, "init_classifier"):
+            cls_loss.init_classifier(self.cls_score)  # e.g. a sigmoid loss's prior bias
         self.cls_loss = cls_loss
         self.fasa = fasa
         self._fasa_input: Optional[torch.Tensor] = None
