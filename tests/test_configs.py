@@ -15,12 +15,12 @@ from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.config import RENAMED_KEYS, merge_config
 from fasa_seesaw.engine import check_config
 from fasa_seesaw.modeling import (
+    EQLLoss,
+    EQLv2Loss,
     LongTailCascadeROIHeads,
     LongTailFastRCNNOutputLayers,
     LongTailROIHeads,
     NormedConv2d,
-    EQLLoss,
-    EQLv2Loss,
     NormedLinear,
     SeesawLoss,
     box_predictors,

@@ -153,9 +153,9 @@ class TestEQL(unittest.TestCase):
         gt = torch.full((z.shape[0],), self.C)
         with EventStorage():
             got = self.make()(z, gt)["loss_cls"]
-        plain = sum(
-            _bce(z[r, j], 0.0) for r in range(z.shape[0]) for j in range(self.C)
-        ) / z.shape[0]
+        plain = (
+            sum(_bce(z[r, j], 0.0) for r in range(z.shape[0]) for j in range(self.C)) / z.shape[0]
+        )
         torch.testing.assert_close(got.double(), plain, rtol=1e-6, atol=1e-6)
 
     def test_empty_batch(self):
@@ -222,11 +222,14 @@ class TestEQLv2(unittest.TestCase):
         z, gt = _case(5, C=self.C)
         with EventStorage():
             got = EQLv2Loss(self.C)(z, gt)["loss_cls"]
-        plain = sum(
-            _bce(z[r, j], 1.0 if int(gt[r]) == j else 0.0)
-            for r in range(z.shape[0])
-            for j in range(self.C + 1)
-        ) / z.shape[0]
+        plain = (
+            sum(
+                _bce(z[r, j], 1.0 if int(gt[r]) == j else 0.0)
+                for r in range(z.shape[0])
+                for j in range(self.C + 1)
+            )
+            / z.shape[0]
+        )
         torch.testing.assert_close(got.double(), plain, rtol=1e-6, atol=1e-6)
 
     def test_value_gradient_and_per_roi_with_statistics(self):
@@ -328,15 +331,17 @@ class TestInPredictor(unittest.TestCase):
             box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
             num_classes=self.C,
             cls_loss=cls_loss,
-            fasa=FASA(
-                self.C,
-                self.D,
-                warmup_iters=0,
-                samples_per_class=3,
-                instance_counts=lambda: [9, 5, 2, 1],
-            )
-            if fasa
-            else None,
+            fasa=(
+                FASA(
+                    self.C,
+                    self.D,
+                    warmup_iters=0,
+                    samples_per_class=3,
+                    instance_counts=lambda: [9, 5, 2, 1],
+                )
+                if fasa
+                else None
+            ),
         )
 
     def _proposals(self, gt):
