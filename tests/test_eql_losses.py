@@ -13,12 +13,12 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import ConfigError
 from fasa_seesaw.data.counts import image_frequency_of
 from fasa_seesaw.modeling import FASA, EQLLoss, EQLv2Loss, LongTailFastRCNNOutputLayers
+from fasa_seesaw.testing import toy_proposals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAMMA, MU, ALPHA = 12.0, 0.8, 4.0
@@ -344,14 +344,6 @@ class TestInPredictor(unittest.TestCase):
             ),
         )
 
-    def _proposals(self, gt):
-        inst = Instances((64, 64))
-        boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(len(gt), 1)
-        inst.proposal_boxes = Boxes(boxes)
-        inst.gt_boxes = Boxes(boxes + 1)
-        inst.gt_classes = torch.tensor(gt)
-        return [inst]
-
     def test_prior_bias(self):
         for loss in (EQLLoss(self.C, image_frequency=lambda: [0.1] * 4), EQLv2Loss(self.C)):
             pred = self.predictor(loss, fasa=False)
@@ -370,13 +362,13 @@ class TestInPredictor(unittest.TestCase):
         with EventStorage(5):
             for _ in range(2):
                 scores, deltas = with_fasa(x)
-                losses = with_fasa.losses((scores, deltas), self._proposals(gt))
+                losses = with_fasa.losses((scores, deltas), toy_proposals(gt))
                 alone(scores.detach(), torch.tensor(gt))
             self.assertGreater(losses["loss_fasa"].item(), 0)
             before = {k: v.clone() for k, v in with_fasa.cls_loss.state_dict().items()}
             with_fasa.per_roi_cls_loss(scores, torch.tensor(gt))
             with with_fasa.fasa.collect_val_losses():  # FASA's validation pass
-                with_fasa.losses(with_fasa(x), self._proposals(gt))
+                with_fasa.losses(with_fasa(x), toy_proposals(gt))
         for k, v in with_fasa.cls_loss.state_dict().items():
             self.assertTrue(torch.equal(v, before[k]), k)
             torch.testing.assert_close(v, alone.state_dict()[k])
@@ -387,7 +379,7 @@ class TestInPredictor(unittest.TestCase):
         pred.fasa.probs_initialized.fill_(True)
         pred.fasa.probs.fill_(1.0)
         with EventStorage(5):
-            losses = pred.losses(pred(torch.randn(3, self.D)), self._proposals([0, 2, self.C]))
+            losses = pred.losses(pred(torch.randn(3, self.D)), toy_proposals([0, 2, self.C]))
         self.assertGreater(losses["loss_fasa"].item(), 0)
         self.assertEqual(loss.frequency.tolist(), torch.tensor([0.5, 0.2, 0.1, 0.9]).tolist())
 
