@@ -15,6 +15,8 @@ from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.config import RENAMED_KEYS, merge_config
 from fasa_seesaw.engine import check_config
 from fasa_seesaw.modeling import (
+    EQLLoss,
+    EQLv2Loss,
     LongTailCascadeROIHeads,
     LongTailFastRCNNOutputLayers,
     LongTailROIHeads,
@@ -40,7 +42,12 @@ def load(path, opts=()):
 def family(name):
     """(cascade, loss, FASA, normed mask) that a shipped config's file name promises."""
     name = name.replace("_fasa_release", "")  # where the weights come from, not the method
-    loss = "seesaw" if "seesaw" in name else "softmax_ce"
+    if "eqlv2" in name:
+        loss = "eqlv2"
+    elif "_eql_" in name:
+        loss = "eql"
+    else:
+        loss = "seesaw" if "seesaw" in name else "softmax_ce"
     normed = "normed_mask" in name or "normedmask" in name
     return ("cascade" in name, loss, "fasa" in name, normed)
 
@@ -93,9 +100,9 @@ class TestConfigs(unittest.TestCase):
             if name.startswith("base-") or "dual_head" in name:  # (tests/test_dual_head.py)
                 continue
             chosen.setdefault(family(name), path)
-        # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw; Cascade: CE, Seesaw,
-        # Seesaw + normed mask, FASA.
-        self.assertEqual(len(chosen), 9)
+        # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw, EQL, EQLv2; Cascade:
+        # CE, Seesaw, Seesaw + normed mask, FASA, EQLv2.
+        self.assertEqual(len(chosen), 12)
         torch.manual_seed(0)
         for (cascade, loss, fasa, normed_mask), path in sorted(chosen.items()):
             with self.subTest(config=os.path.relpath(path, ROOT)):
@@ -110,9 +117,13 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(len(predictors), 3 if cascade else 1)
                 for p in predictors:
                     self.assertIsInstance(p, LongTailFastRCNNOutputLayers)
+                    sigmoid = {"eql": EQLLoss, "eqlv2": EQLv2Loss}
                     if loss == "seesaw":
                         self.assertIsInstance(p.cls_loss, SeesawLoss)
                         self.assertIsInstance(p.cls_score, NormedLinear)  # the recipe's
+                    elif loss in sigmoid:
+                        self.assertIsInstance(p.cls_loss, sigmoid[loss])
+                        self.assertNotIsInstance(p.cls_score, NormedLinear)
                     else:
                         self.assertIsNone(p.cls_loss, "detectron2's loss expected")
                         self.assertNotIsInstance(p.cls_score, NormedLinear)
@@ -127,7 +138,10 @@ class TestConfigs(unittest.TestCase):
                     self.assertEqual(tuple(scores.shape), (5, C + (2 if loss == "seesaw" else 1)))
                     self.assertEqual(tuple(deltas.shape), (5, 4 if cascade else 4 * C))
                     self.assertEqual([tuple(t.shape) for t in probs], [(2, C + 1), (3, C + 1)])
-                    torch.testing.assert_close(probs[0].sum(1), torch.ones(2))
+                    if loss in sigmoid:  # independent sigmoid scores in [0, 1]
+                        self.assertTrue(bool(((probs[0] >= 0) & (probs[0] <= 1)).all()))
+                    else:
+                        torch.testing.assert_close(probs[0].sum(1), torch.ones(2))
                 if cascade:
                     for module in ("cls_loss", "fasa"):
                         held = [getattr(p, module) for p in predictors]
@@ -175,6 +189,9 @@ class TestConfigs(unittest.TestCase):
                 "MODEL.PROPOSAL_GENERATOR.NAME": "LongTailRPN",
                 "MODEL.RPN.NMS_RESAMPLING.ENABLED": True,
             },
+            # The toolkit's losses: only the loss and its keys (EQLv2's keys at their defaults).
+            ("ce", "eql"): {"MODEL.ROI_BOX_HEAD.CLS_LOSS": "eql", "MODEL.EQL.LAMBDA": 0.11},
+            ("ce", "eqlv2"): {"MODEL.ROI_BOX_HEAD.CLS_LOSS": "eqlv2"},
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):

@@ -18,7 +18,9 @@ BOOL_BAD = [1, 0, "True", None]
 
 # key: (values refused, values accepted). Every project key has a row.
 CASES = {
-    "MODEL.ROI_BOX_HEAD.CLS_LOSS": (["focal", "", "Seesaw"], ["auto", "seesaw", "softmax_ce"]),
+    "MODEL.ROI_BOX_HEAD.CLS_LOSS": (
+        ["focal", "", "Seesaw", "EQL", "eqlv3"], ["auto", "seesaw", "softmax_ce", "eql", "eqlv2"]
+    ),
     "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER": (BOOL_BAD, [True, False]),
     "MODEL.ROI_BOX_HEAD.NORM_TEMP": ([0.0, -20.0, NAN, INF], [20.0, 0.5]),
     "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED": (BOOL_BAD, [True, False]),
@@ -43,6 +45,17 @@ CASES = {
     "MODEL.SEESAW.LOSS_WEIGHT": ([-1.0, NAN, INF], [0.0, 1.0]),
     "MODEL.SEESAW.OBJECTNESS_LOSS_WEIGHT": ([-0.5, NAN], [0.0, 1.0]),
     "MODEL.SEESAW.SYNC_COUNTS": (BOOL_BAD, [True, False]),
+    # EQL: lambda is a frequency threshold (0 = no tail class); a prior probability lies in (0, 1).
+    "MODEL.EQL.LAMBDA": ([-0.001, NAN, INF, True], [0.0, 0.0011, 0.00177]),
+    "MODEL.EQL.LOSS_WEIGHT": ([-1.0, NAN], [0.0, 1.0]),
+    "MODEL.EQL.PRIOR_PROB": ([0.0, 1.0, -0.1, NAN], [0.001, 0.5]),
+    "MODEL.EQLV2.GAMMA": ([-12.0, NAN, INF], [0.0, 12.0]),
+    "MODEL.EQLV2.MU": ([-0.8, NAN], [0.0, 0.8]),
+    "MODEL.EQLV2.ALPHA": ([-4.0, NAN], [0.0, 4.0]),
+    "MODEL.EQLV2.LOSS_WEIGHT": ([-1.0, NAN], [0.0, 1.0]),
+    "MODEL.EQLV2.PRIOR_PROB": ([0.0, 1.0, NAN], [0.001, 0.99]),
+    "MODEL.EQLV2.TEST_WITH_OBJ": (BOOL_BAD, [True, False]),
+    "MODEL.EQLV2.SYNC_STATS": (BOOL_BAD, [True, False]),
     "MODEL.FASA.ENABLED": (BOOL_BAD, [True, False]),
     "MODEL.FASA.LOSS_WEIGHT": ([-0.1, NAN], [0.0, 0.1]),
     "MODEL.FASA.SAMPLES_PER_CLASS": ([0, -1, 1.5, True], [1, 5]),

@@ -10,15 +10,15 @@ def add_fasa_seesaw_config(cfg):
     """
     Add the keys of this project: the box predictor's under MODEL.ROI_BOX_HEAD (CLS_LOSS,
     NORMED_CLASSIFIER, NORM_TEMP), the normed mask head's under MODEL.ROI_MASK_HEAD (NORM_TEMP),
-    the methods' under MODEL.SEESAW and MODEL.FASA, LVIS evaluation under TEST.LVIS and the rest
-    under FASA_SEESAW. No core detectron2 key changes meaning.
+    the methods' under MODEL.SEESAW, MODEL.EQL, MODEL.EQLV2 and MODEL.FASA, LVIS evaluation
+    under TEST.LVIS and the rest under FASA_SEESAW. No core detectron2 key changes meaning.
     """
     _C = cfg
 
     # Classification loss of the box predictor of LongTailROIHeads / LongTailCascadeROIHeads:
-    # "softmax_ce", "sigmoid_ce", "federated" (detectron2's), "seesaw", or "auto": the ROI
-    # head's default (Seesaw for SeesawROIHeads), else detectron2's as USE_SIGMOID_CE and
-    # USE_FED_LOSS select it.
+    # "softmax_ce", "sigmoid_ce", "federated" (detectron2's), "seesaw", "eql", "eqlv2", or
+    # "auto": the ROI head's default (Seesaw for SeesawROIHeads), else detectron2's as
+    # USE_SIGMOID_CE and USE_FED_LOSS select it.
     _C.MODEL.ROI_BOX_HEAD.CLS_LOSS = "auto"
     # Cosine (normalised) classifier for all outputs of the box predictor, as in the Seesaw
     # recipe; False: detectron2's linear classifier.
@@ -81,6 +81,35 @@ def add_fasa_seesaw_config(cfg):
     # Sum the per-class foreground counts over all processes (True), or keep them per process
     # as the mmdetection reference does (False).
     _C.MODEL.SEESAW.SYNC_COUNTS = True
+
+    _C.MODEL.EQL = CN()
+    # Equalization Loss (CLS_LOSS "eql"). Tail threshold lambda: a foreground RoI ignores the
+    # negative terms of classes whose image frequency (images with the class / images with any
+    # annotation, from DATASETS.TRAIN) is < LAMBDA. 0.0011: the official LVIS v1 config (EQLv2
+    # repository); 0.00177: the paper's LVIS v0.5 value.
+    _C.MODEL.EQL.LAMBDA = 0.0011
+    # Weight of the EQL class loss (summed over classes, divided by the number of sampled RoIs).
+    _C.MODEL.EQL.LOSS_WEIGHT = 1.0
+    # Initial sigmoid probability of every class: classifier bias -log((1 - p) / p), as the
+    # official code initialises it (0.5 gives detectron2's zero bias).
+    _C.MODEL.EQL.PRIOR_PROB = 0.001
+
+    _C.MODEL.EQLV2 = CN()
+    # Equalization Loss v2 (CLS_LOSS "eqlv2"): negative weight q_j = f(pos_j / neg_j) with
+    # f(x) = 1 / (1 + exp(-GAMMA (x - MU))), positive weight 1 + ALPHA (1 - q_j). The paper's and
+    # the official code's values.
+    _C.MODEL.EQLV2.GAMMA = 12.0
+    _C.MODEL.EQLV2.MU = 0.8
+    _C.MODEL.EQLV2.ALPHA = 4.0
+    # Weight of the EQLv2 loss (classes and objectness logit, divided by the number of RoIs).
+    _C.MODEL.EQLV2.LOSS_WEIGHT = 1.0
+    # Initial sigmoid probability of every logit (classifier bias), as the official code.
+    _C.MODEL.EQLV2.PRIOR_PROB = 0.001
+    # Test-time class scores multiplied by (1 - sigmoid(objectness logit)) (official default).
+    _C.MODEL.EQLV2.TEST_WITH_OBJ = True
+    # Sum each step's gradient statistics over all processes (True, as the official code), or
+    # keep them per process (False).
+    _C.MODEL.EQLV2.SYNC_STATS = True
 
     _C.MODEL.FASA = CN()
     # Feature Augmentation and Sampling Adaptation, with any CLS_LOSS. Needs ROI_HEADS.NAME

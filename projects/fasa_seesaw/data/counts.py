@@ -15,6 +15,7 @@ __all__ = [
     "class_frequency",
     "epoch_iterations",
     "image_counts_of",
+    "image_frequency_of",
     "instance_counts_of",
     "lvis_frequency",
 ]
@@ -34,10 +35,11 @@ def lvis_frequency(image_counts) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _summary(name: str, num_classes: int) -> Tuple[int, np.ndarray, np.ndarray]:
-    """(number of images, per-class instance counts, per-class image counts); cached, since LVIS
-    train takes a while to load and FASA's initial probabilities, its epoch length and the
-    gradient statistics' category table need it."""
+def _summary(name: str, num_classes: int) -> Tuple[int, np.ndarray, np.ndarray, int]:
+    """(number of images, per-class instance counts, per-class image counts, number of images
+    with at least one annotation); cached, since LVIS train takes a while to load and FASA's
+    initial probabilities, its epoch length, EQL's class frequencies and the gradient
+    statistics' category table need it."""
     dicts = DatasetCatalog.get(name)
     ids = np.asarray(
         [a["category_id"] for d in dicts for a in d.get("annotations", ())], dtype=np.int64
@@ -56,7 +58,8 @@ def _summary(name: str, num_classes: int) -> Tuple[int, np.ndarray, np.ndarray]:
     pairs = np.unique(img * num_classes + ids)
     per_image = np.bincount(pairs % num_classes, minlength=num_classes).astype(np.int64)
     per_image.setflags(write=False)
-    return len(dicts), counts, per_image
+    annotated = sum(1 for d in dicts if d.get("annotations"))
+    return len(dicts), counts, per_image, annotated
 
 
 def instance_counts_of(dataset_names: Sequence[str], num_classes: int) -> np.ndarray:
@@ -68,6 +71,16 @@ def image_counts_of(dataset_names: Sequence[str], num_classes: int) -> np.ndarra
     """Per-class number of images with at least one instance of the class (LVIS's image_count,
     which defines the r/c/f groups), over the datasets."""
     return sum(_summary(name, num_classes)[2] for name in dataset_names).astype(np.int64)
+
+
+def image_frequency_of(dataset_names: Sequence[str], num_classes: int) -> np.ndarray:
+    """
+    Per-class image frequency: the images that contain the class over the images that contain
+    any annotation (EQL's f_j; its official code divides LVIS's image_count by the number of
+    distinct image ids among the annotations). float64, over all the datasets together.
+    """
+    annotated = sum(_summary(name, num_classes)[3] for name in dataset_names)
+    return image_counts_of(dataset_names, num_classes) / max(annotated, 1)
 
 
 def epoch_iterations(dataset_names: Sequence[str], ims_per_batch: int, num_classes: int) -> int:

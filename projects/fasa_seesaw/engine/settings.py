@@ -151,6 +151,22 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.SEESAW.LOSS_WEIGHT": weight,
         "MODEL.SEESAW.OBJECTNESS_LOSS_WEIGHT": weight,
         "MODEL.SEESAW.SYNC_COUNTS": boolean(),
+        "MODEL.EQL.LAMBDA": number(
+            0.0, hint="the official LVIS v1 config uses 0.0011; 0 is sigmoid CE"
+        ),
+        "MODEL.EQL.LOSS_WEIGHT": weight,
+        "MODEL.EQL.PRIOR_PROB": number(
+            0.0, 1.0, low_open=True, high_open=True, hint="the official code uses 0.001"
+        ),
+        "MODEL.EQLV2.GAMMA": number(0.0, hint="the paper uses 12"),
+        "MODEL.EQLV2.MU": number(0.0, hint="the paper uses 0.8"),
+        "MODEL.EQLV2.ALPHA": number(0.0, hint="the paper uses 4"),
+        "MODEL.EQLV2.LOSS_WEIGHT": weight,
+        "MODEL.EQLV2.PRIOR_PROB": number(
+            0.0, 1.0, low_open=True, high_open=True, hint="the official code uses 0.001"
+        ),
+        "MODEL.EQLV2.TEST_WITH_OBJ": boolean(),
+        "MODEL.EQLV2.SYNC_STATS": boolean(),
         "MODEL.FASA.ENABLED": boolean(),
         "MODEL.FASA.LOSS_WEIGHT": number(0.0, hint="the paper uses 0.1"),
         "MODEL.FASA.SAMPLES_PER_CLASS": integer(1),

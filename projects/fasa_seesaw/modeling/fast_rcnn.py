@@ -89,6 +89,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             self.cls_score = NormedLinear(in_features, num_logits, temperature=norm_temp)
         elif num_logits != self.cls_score.out_features:
             self.cls_score = _linear_classifier(in_features, num_logits)
+        if hasattr(cls_loss, "init_classifier"):
+            cls_loss.init_classifier(self.cls_score)  # e.g. a sigmoid loss's prior bias
         self.cls_loss = cls_loss
         self.dual_cls_score: Optional[nn.Module] = None
         self.dual_cls_loss = None
@@ -104,6 +106,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
                 self.dual_cls_score = NormedLinear(in_features, num_logits, temperature=norm_temp)
             else:
                 self.dual_cls_score = _linear_classifier(in_features, num_logits)
+            if hasattr(dual_cls_loss, "init_classifier"):
+                dual_cls_loss.init_classifier(self.dual_cls_score)
             self.dual_cls_loss = dual_cls_loss
         self.fasa = fasa
         self._fasa_input: Optional[torch.Tensor] = None
