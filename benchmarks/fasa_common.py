@@ -53,6 +53,22 @@ VARIANTS = {
     "Seesaw+FASA": ("mask_rcnn_R_50_FPN_2x_fasa_seesaw_random_lvis_v1.yaml", []),
 }
 PAIRS = [("CE", "CE+FASA"), ("Seesaw", "Seesaw+FASA")]
+# The toolkit's training-time options (bench_toolkit_step.py), each timed against "CE".
+TOOLKIT_VARIANTS = {
+    "CE": VARIANTS["CE"],
+    "NR": ("mask_rcnn_R_50_FPN_2x_nr_random_lvis_v1.yaml", []),
+    "NR matched": (
+        "mask_rcnn_R_50_FPN_2x_nr_random_lvis_v1.yaml",
+        ["MODEL.RPN.NMS_RESAMPLING.MODE", "matched"],
+    ),
+    "EQL": ("mask_rcnn_R_50_FPN_2x_eql_random_lvis_v1.yaml", []),
+    "EQLv2": ("mask_rcnn_R_50_FPN_2x_eqlv2_random_lvis_v1.yaml", []),
+    "Seesaw": VARIANTS["Seesaw"],
+    "Seesaw dual-head stage": ("mask_rcnn_R_50_FPN_1x_seesaw_dual_head_rfs_lvis_v1.yaml", []),
+    "CE+FASA": VARIANTS["CE+FASA"],
+}
+# LVIS v1 train: images (the denominator of EQL's frequencies).
+LVIS_V1_TRAIN_IMAGES = 100_170
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +206,7 @@ def num_proposals(args):
 
 
 def variant_cfg(name, args):
-    cfg_file, extra = VARIANTS[name]
+    cfg_file, extra = {**VARIANTS, **TOOLKIT_VARIANTS}[name]
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
     cfg.merge_from_file(str(LVIS_DIR / cfg_file))
@@ -221,8 +237,29 @@ def build_variant(name, args, device):
         c = lvis_image_counts()
         with torch.no_grad():
             class_counts.copy_(torch.as_tensor(rng.multinomial(512_000, c / c.sum())))
+    _set_toolkit_state(model, cfg)
     optimizer = build_optimizer(cfg, model)
     return cfg, model, optimizer
+
+
+def _set_toolkit_state(model, cfg):
+    """What the toolkit's options read from the training set on their first step, set from LVIS
+    v1's statistics so no dataset is loaded; the dual-head stage frozen as its trainer does."""
+    from fasa_seesaw.data.counts import lvis_frequency
+    from fasa_seesaw.modeling.dual_head import freeze_for_dual_head
+    from fasa_seesaw.modeling.nms_resampling import class_groups_from_frequency
+
+    counts = lvis_image_counts()
+    rpn = model.proposal_generator
+    if getattr(rpn, "nms_resampling", False):
+        rpn._class_groups = class_groups_from_frequency(lvis_frequency(counts).tolist())
+    loss = model.roi_heads.box_predictor.cls_loss
+    if hasattr(loss, "frequency_initialized"):  # EQL
+        with torch.no_grad():
+            loss.frequency.copy_(torch.as_tensor(counts / LVIS_V1_TRAIN_IMAGES))
+            loss.frequency_initialized.fill_(True)
+    if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+        freeze_for_dual_head(model)
 
 
 def build_variant_for(name, args, device, batch):
