@@ -3,6 +3,7 @@ from . import normed_mask_head, roi_heads  # noqa: F401  (registration)
 from .cls_losses import build_cls_loss, cls_loss_names, register_cls_loss, resolve_cls_loss
 from .fasa import FASA, fasa_from_config
 from .fasa_feature_bank import ClassFeatureBank
+from .fasa_feature_store import ClassFeatureStore
 from .fast_rcnn import (
     FASAFastRCNNOutputLayers,
     LongTailFastRCNNOutputLayers,
