@@ -220,7 +220,8 @@ def sample_moex(
     class_b, slot_b, _ = moex_partners(size, rows, u[n : 2 * n])
     x_b = features[class_b, slot_b]
     apply = u[2 * n] < prob
-    x = torch.where(apply, moex_exchange(x_a, x_b, eps).to(x_a.dtype), x_a)
+    exchanged = moex_exchange(x_a, x_b, eps).to(x_a.dtype) if n else x_a
+    x = torch.where(apply, exchanged, x_a)
     one = torch.ones(n, device=x.device, dtype=x.dtype)
     lam_rows = torch.where(apply, one * lam, one)
     return VirtualRows(x, rows, weight.repeat_interleave(samples_per_class), class_b, lam_rows)
