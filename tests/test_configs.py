@@ -73,6 +73,8 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(resolve_cls_loss(cfg), loss)
                 self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER, loss == "seesaw")
                 self.assertEqual(cfg.MODEL.FASA.ENABLED, fasa)
+                augmentation = [a for a in ("smote", "moex") if f"_{a}" in name] or ["gaussian"]
+                self.assertEqual(cfg.MODEL.FASA.AUGMENTATION, augmentation[0])
                 self.assertEqual(
                     cfg.MODEL.ROI_MASK_HEAD.NAME == "NormedMaskRCNNConvUpsampleHead", normed_mask
                 )
@@ -160,6 +162,8 @@ class TestConfigs(unittest.TestCase):
             ("fasa_seesaw", "fasa_seesaw_static"): {"MODEL.FASA.ADAPT.ENABLED": False},
             ("fasa_seesaw", "fasa_seesaw_uniform"): {"MODEL.FASA.INIT_PROBS": "uniform"},
             ("fasa_seesaw", "fasa_seesaw_light"): {"MODEL.FASA.LOSS_WEIGHT": 0.02},
+            ("fasa", "fasa_smote"): {"MODEL.FASA.AUGMENTATION": "smote"},
+            ("fasa", "fasa_moex"): {"MODEL.FASA.AUGMENTATION": "moex"},
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):
