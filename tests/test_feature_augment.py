@@ -17,7 +17,6 @@ from torch.nn import functional as F
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import ConfigError
@@ -32,6 +31,7 @@ from fasa_seesaw.modeling.feature_augment import (
     smote_neighbours,
 )
 from fasa_seesaw.testing import spawn_gloo, toy_fasa_seesaw_predictor
+from fasa_seesaw.testing import toy_proposals as proposals
 
 # Class 0 of the hand-worked store: four 2-d features, and a fifth slot that is not valid.
 A, B, Cc, Dd = (1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.2)
@@ -208,15 +208,6 @@ class TestMoEx(unittest.TestCase):
 
 C, D = 5, 8
 COUNTS = [400, 100, 20, 4, 1]
-
-
-def proposals(gt):
-    inst = Instances((64, 64))
-    boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(len(gt), 1)
-    inst.proposal_boxes = Boxes(boxes)
-    inst.gt_boxes = Boxes(boxes + 1)
-    inst.gt_classes = torch.tensor(gt)
-    return [inst]
 
 
 def ce_predictor(**fasa):

@@ -19,17 +19,15 @@ all-gather of sizes (a host sync) and one of the positives per step. Without ``s
 process stores its own RoIs.
 """
 
-import contextlib
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from .fasa_feature_bank import _world_size
+from .fasa_feature_bank import PausableStatistics, _world_size
 
 __all__ = ["ClassFeatureStore"]
 
 
-class ClassFeatureStore(nn.Module):
+class ClassFeatureStore(PausableStatistics):
     def __init__(self, num_classes: int, feature_dim: int, memory: int, *, sync: bool = True):
         super().__init__()
         self.num_classes = num_classes
@@ -45,15 +43,6 @@ class ClassFeatureStore(nn.Module):
     def size(self) -> torch.Tensor:
         """(C,) valid slots per class: min(count, memory)."""
         return self.count.clamp(max=self.memory)
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Inside, :meth:`update` changes nothing (FASA's validation pass uses this)."""
-        frozen, self.frozen = self.frozen, True
-        try:
-            yield self
-        finally:
-            self.frozen = frozen
 
     def _gather(self, x, labels):
         """The positive rows of all processes, in rank order (padding rows are background)."""
@@ -77,11 +66,8 @@ class ClassFeatureStore(nn.Module):
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """
-        Args:
-            features: (N, D) classifier-input features of sampled RoIs (detached here).
-            labels: (N,) in [0, C]; C (background) is ignored.
-        """
+        """Store the rows of ``features`` (N, D, detached here) whose ``labels`` (N,) are a class
+        (< C); background rows (C) are skipped."""
         if self.frozen:
             return
         x, labels = self._gather(features.detach().to(self.features.dtype), labels.long())
