@@ -199,6 +199,10 @@ class TestMoEx(unittest.TestCase):
                 for j in range(size[yb])
             ]
             self.assertTrue(any(torch.allclose(x, c, atol=1e-5) for c in cands))
+        # the fixed layout (accelerators): every class, weight 0 where nothing is stored
+        fixed = sample_moex(f, size, torch.ones(3), 2, generator=g, compact=False)
+        self.assertEqual(fixed.weight.tolist(), [1, 1, 1, 1, 0, 0])
+        self.assertTrue(bool(torch.isfinite(fixed.features).all()))
         # MOEX_PROB 0: no exchange, the stored features themselves with lam 1
         rows = sample_moex(f, size, torch.ones(3), 20, prob=0.0, generator=g)
         torch.testing.assert_close(rows.lam, torch.ones(40))
