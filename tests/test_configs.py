@@ -80,6 +80,8 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(resolve_cls_loss(cfg), loss)
                 self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER, loss == "seesaw")
                 self.assertEqual(cfg.MODEL.FASA.ENABLED, fasa)
+                augmentation = [a for a in ("smote", "moex") if f"_{a}" in name] or ["gaussian"]
+                self.assertEqual(cfg.MODEL.FASA.AUGMENTATION, augmentation[0])
                 self.assertEqual(
                     cfg.MODEL.ROI_MASK_HEAD.NAME == "NormedMaskRCNNConvUpsampleHead", normed_mask
                 )
@@ -192,6 +194,8 @@ class TestConfigs(unittest.TestCase):
             # The toolkit's losses: only the loss and its keys (EQLv2's keys at their defaults).
             ("ce", "eql"): {"MODEL.ROI_BOX_HEAD.CLS_LOSS": "eql", "MODEL.EQL.LAMBDA": 0.11},
             ("ce", "eqlv2"): {"MODEL.ROI_BOX_HEAD.CLS_LOSS": "eqlv2"},
+            ("fasa", "fasa_smote"): {"MODEL.FASA.AUGMENTATION": "smote"},
+            ("fasa", "fasa_moex"): {"MODEL.FASA.AUGMENTATION": "moex"},
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):

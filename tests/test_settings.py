@@ -66,6 +66,14 @@ CASES = {
     "MODEL.FASA.BANK_VARIANCE": (["unbiased"], ["sample", "population"]),
     "MODEL.FASA.SYNC_BANK": (BOOL_BAD, [True, False]),
     "MODEL.FASA.INIT_PROBS": (["inverse", "sqrt"], ["inverse_frequency", "uniform"]),
+    "MODEL.FASA.AUGMENTATION": (["SMOTE", "mixup", ""], ["gaussian", "smote", "moex"]),
+    "MODEL.FASA.FEATURE_MEMORY": ([0, -1, 8.0, True], [1, 2, 16]),
+    # SMOTE's k nearest neighbours: k >= 1.
+    "MODEL.FASA.SMOTE_K": ([0, -5, 5.0], [1, 5]),
+    # MoEx's lambda weighs the drawn class's label: (0, 1].
+    "MODEL.FASA.MOEX_LAMBDA": ([0.0, -0.1, 1.5, NAN], [0.9, 1.0, 0.5]),
+    "MODEL.FASA.MOEX_PROB": ([-0.1, 1.1, NAN], [0.0, 1.0, 0.5]),
+    "MODEL.FASA.MOEX_EPS": ([0.0, -1e-5, NAN, INF], [1e-5, 1.0]),
     "MODEL.FASA.ADAPT.ENABLED": (BOOL_BAD, [True, False]),
     "MODEL.FASA.ADAPT.PERIOD": ([0, -2, 10.0], [-1, 1, 500]),
     "MODEL.FASA.ADAPT.HELDOUT_DATASET": ([None, 3], ["", "lvis_v1_val"]),
@@ -160,6 +168,12 @@ class TestSettings(unittest.TestCase):
         cfg.TEST.LVIS.TOPK_PER_CLASS = 10  # below FIXED_K 10000
         with self.assertRaisesRegex(ConfigError, r"TOPK_PER_CLASS \(10\) is below FIXED_K"):
             check_settings(cfg)
+        cfg = _cfg()
+        cfg.MODEL.FASA.AUGMENTATION, cfg.MODEL.FASA.FEATURE_MEMORY = "smote", 1
+        with self.assertRaisesRegex(ConfigError, r"FEATURE_MEMORY is 1; AUGMENTATION 'smote'"):
+            check_settings(cfg)
+        cfg.MODEL.FASA.AUGMENTATION = "moex"  # one stored feature is enough
+        check_settings(cfg)
 
     def test_the_issues_settings_are_refused_by_check_config(self):
         # Settings that used to be accepted and then trained a wrong model, or crashed an epoch in.

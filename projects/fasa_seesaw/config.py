@@ -137,6 +137,25 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.FASA.SYNC_BANK = True
     # Initial draw probabilities: "inverse_frequency" (training instance counts) or "uniform".
     _C.MODEL.FASA.INIT_PROBS = "inverse_frequency"
+    # How a drawn class's virtual feature is made: "gaussian" (FASA's: N(mean_c, var_c) from the
+    # bank), "smote" (an interpolation of two stored features of the class and a cosine
+    # neighbour) or "moex" (a stored feature of the class with the channel mean and std of a
+    # stored feature of another class, labels mixed). FASA supplement section F; docs/fasa.md.
+    _C.MODEL.FASA.AUGMENTATION = "gaussian"
+    # SMOTE and MoEx: real positive classifier-input features kept per class (a ring buffer of
+    # C x FEATURE_MEMORY x D floats: 79 MB at LVIS's 1203 classes x 1024-d for 16). Unused by
+    # "gaussian". SMOTE needs >= 2; 16 leaves 15 candidates for its 5 neighbours.
+    _C.MODEL.FASA.FEATURE_MEMORY = 16
+    # SMOTE: nearest neighbours (cosine) among the class's stored features; the supplement's 5.
+    _C.MODEL.FASA.SMOTE_K = 5
+    # MoEx: loss = LAMBDA * L(x_hat, c) + (1 - LAMBDA) * L(x_hat, y_B); 0.9 as MoEx's ImageNet
+    # recipe (the supplement does not give it).
+    _C.MODEL.FASA.MOEX_LAMBDA = 0.9
+    # MoEx: probability that a step's virtual features are moment-exchanged (else the stored
+    # features themselves, label c); the supplement's 1.0.
+    _C.MODEL.FASA.MOEX_PROB = 1.0
+    # MoEx: epsilon added to the variance of a feature's channels; the supplement's 1e-5.
+    _C.MODEL.FASA.MOEX_EPS = 1e-5
 
     _C.MODEL.FASA.ADAPT = CN()
     # Adapt the draw probabilities from a validation-loss pass (FASAAdaptationHook).

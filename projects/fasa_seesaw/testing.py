@@ -128,8 +128,8 @@ def toy_fasa_seesaw_predictor(feature_dim: int = 8, counts=TOY_COUNTS, cls=None,
 
 
 def toy_proposals(gt):
-    """One 64x64 image's sampled proposals, one per label in ``gt``, for a box predictor's
-    ``losses``."""
+    """One 64 x 64 image's training proposals with ground-truth classes ``gt``: the same box
+    for every RoI, its ground-truth box one pixel off (for a predictor's ``losses``)."""
     from detectron2.structures import Boxes, Instances
 
     inst = Instances((64, 64))

@@ -18,6 +18,7 @@ from ..evaluation.report import EXTRAS
 from ..modeling.cls_losses import cls_loss_names
 from ..modeling.fasa_feature_bank import _MODES, VARIANCES
 from ..modeling.fasa_sampling import GROUP_SIGNALS, INIT_PROBS
+from ..modeling.feature_augment import AUGMENTATIONS
 from ..modeling.nms_resampling import NMS_RESAMPLING_MODES
 from ..modeling.roi_heads import CASCADE_MASK_HEADS, SCORE_AVERAGES
 from .fasa_hook import CLUSTERING
@@ -177,6 +178,14 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.FASA.BANK_VARIANCE": one_of(VARIANCES),
         "MODEL.FASA.SYNC_BANK": boolean(),
         "MODEL.FASA.INIT_PROBS": one_of(INIT_PROBS),
+        "MODEL.FASA.AUGMENTATION": one_of(AUGMENTATIONS, hint="FASA's is gaussian"),
+        "MODEL.FASA.FEATURE_MEMORY": integer(1, hint="SMOTE needs >= 2; the default is 16"),
+        "MODEL.FASA.SMOTE_K": integer(1, hint="the supplement uses 5"),
+        "MODEL.FASA.MOEX_LAMBDA": number(
+            0.0, 1.0, low_open=True, hint="MoEx's ImageNet recipe uses 0.9"
+        ),
+        "MODEL.FASA.MOEX_PROB": number(0.0, 1.0, hint="the supplement uses 1.0"),
+        "MODEL.FASA.MOEX_EPS": number(0.0, low_open=True, hint="the supplement uses 1e-5"),
         "MODEL.FASA.ADAPT.ENABLED": boolean(),
         "MODEL.FASA.ADAPT.PERIOD": integer(
             1,
@@ -255,6 +264,12 @@ def check_settings(cfg) -> None:
         if not domain.accepts(value):
             hint = f" ({domain.hint})" if domain.hint else ""
             raise ConfigError(f"{key} is {value!r}; it must be {domain.text}{hint}.")
+    fasa = cfg.MODEL.FASA
+    if fasa.AUGMENTATION == "smote" and fasa.FEATURE_MEMORY < 2:
+        raise ConfigError(
+            f"MODEL.FASA.FEATURE_MEMORY is {fasa.FEATURE_MEMORY}; AUGMENTATION 'smote' needs at "
+            "least 2 stored features per class (a feature and a neighbour); use e.g. 16."
+        )
     lvis = cfg.TEST.LVIS
     if 0 < lvis.TOPK_PER_CLASS < lvis.FIXED_K:
         raise ConfigError(

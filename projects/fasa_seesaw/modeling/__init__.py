@@ -5,6 +5,7 @@ from .eql_loss import EQLLoss
 from .eqlv2_loss import EQLv2Loss
 from .fasa import FASA, fasa_from_config
 from .fasa_feature_bank import ClassFeatureBank
+from .fasa_feature_store import ClassFeatureStore
 from .fast_rcnn import (
     FASAFastRCNNOutputLayers,
     LongTailFastRCNNOutputLayers,
