@@ -66,6 +66,8 @@ TOOLKIT_VARIANTS = {
     "Seesaw": VARIANTS["Seesaw"],
     "Seesaw dual-head stage": ("mask_rcnn_R_50_FPN_1x_seesaw_dual_head_rfs_lvis_v1.yaml", []),
     "CE+FASA": VARIANTS["CE+FASA"],
+    "CE+FASA SMOTE": ("mask_rcnn_R_50_FPN_2x_fasa_smote_random_lvis_v1.yaml", []),
+    "CE+FASA MoEx": ("mask_rcnn_R_50_FPN_2x_fasa_moex_random_lvis_v1.yaml", []),
 }
 # LVIS v1 train: images (the denominator of EQL's frequencies).
 LVIS_V1_TRAIN_IMAGES = 100_170
@@ -89,6 +91,15 @@ def fill_bank(bank, counts, seed=0):
         bank.mean.copy_(mean.to(bank.mean))
         bank.var.copy_((std * std).to(bank.var))
         bank.count.copy_(torch.as_tensor(np.maximum(counts, 1), dtype=torch.long))
+
+
+def fill_store(store, seed=0):
+    """A full feature store: ReLU-like features in every slot of every class."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        feats = torch.randn(store.features.shape, generator=g).abs() * 0.3
+        store.features.copy_(feats.to(store.features))
+        store.count.fill_(store.memory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +242,8 @@ def build_variant(name, args, device):
             pred.fasa.probs.copy_(torch.as_tensor(lvis_fasa_probs(), dtype=pred.fasa.probs.dtype))
             pred.fasa.probs_initialized.fill_(True)
         fill_bank(pred.fasa.bank, counts, seed=args.seed)
+        if pred.fasa.store is not None:  # SMOTE / MoEx: every slot of every class filled
+            fill_store(pred.fasa.store, seed=args.seed)
     class_counts = getattr(pred.cls_loss, "class_counts", None)
     if class_counts is not None:  # Seesaw: counts of a run in progress, not all zero
         rng = np.random.default_rng(args.seed)
