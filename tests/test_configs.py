@@ -103,8 +103,8 @@ class TestConfigs(unittest.TestCase):
                 continue
             chosen.setdefault(family(name), path)
         # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw, EQL, EQLv2; Cascade:
-        # CE, Seesaw, Seesaw + normed mask, FASA, EQLv2.
-        self.assertEqual(len(chosen), 12)
+        # CE, Seesaw, Seesaw + normed mask, FASA, EQL, EQLv2.
+        self.assertEqual(len(chosen), 13)
         torch.manual_seed(0)
         for (cascade, loss, fasa, normed_mask), path in sorted(chosen.items()):
             with self.subTest(config=os.path.relpath(path, ROOT)):
