@@ -29,10 +29,19 @@ def non_dual_head_keys(keys: Iterable[str]) -> List[str]:
 def freeze_for_dual_head(model):
     """
     Freeze every part of ``model`` but the dual-head classifiers: their parameters alone keep
-    ``requires_grad``, and BatchNorm layers become FrozenBatchNorm2d (training mode would update
-    their running statistics). Returns the model (its BatchNorm children replaced in place).
+    ``requires_grad``, BatchNorm layers become FrozenBatchNorm2d (training mode would update
+    their running statistics), and the ROI heads run their mask head only at test (its loss would
+    train nothing). Returns the model (its BatchNorm children replaced in place).
     """
     FrozenBatchNorm2d.convert_frozen_batchnorm(model)
     for name, param in model.named_parameters():
         param.requires_grad_(is_dual_head_key(name))
+    heads = getattr(model, "roi_heads", None)
+    if heads is not None and getattr(heads, "mask_on", False):
+        heads.register_forward_pre_hook(_masks_at_test_only)
     return model
+
+
+def _masks_at_test_only(roi_heads, _inputs):
+    # (a hook, not an override of the heads' methods, which must stay scriptable)
+    roi_heads.mask_on = not roi_heads.training

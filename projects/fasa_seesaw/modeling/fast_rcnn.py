@@ -150,7 +150,7 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         if self.fasa is not None and self.training:
             self._fasa_input = x
         scores = self.cls_score(x)
-        if self.dual_head:
+        if self.dual_cls_score is not None:  # (written out so TorchScript prunes it)
             scores = torch.cat([scores, self.dual_cls_score(x)], dim=1)
         proposal_deltas = self.bbox_pred(x)
         return scores, proposal_deltas
@@ -236,17 +236,27 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         # detectron2's loss scripts (a loss module such as SeesawLoss does not), and __len__
         # rather than len(), so it traces (as detectron2's patch_builtin_len makes detectron2's
         # own do).
+        # (The attribute checks below are written out so TorchScript prunes them.)
         scores, _ = predictions
         num_inst_per_image = [p.__len__() for p in proposals]
-        first, dual = self.split_scores(scores)
-        probs = self._activation(first, self.cls_loss)
-        if dual is not None:  # the dual-head stage: the mean of both classifiers' scores
-            probs = (probs + self._activation(dual, self.dual_cls_loss)) * 0.5
+        if self.dual_cls_score is not None:  # the dual-head stage: both classifiers' mean
+            n = self.cls_score.out_features
+            probs = (self._first_probs(scores[:, :n]) + self._dual_probs(scores[:, n:])) * 0.5
+        else:
+            probs = self._first_probs(scores)
         return probs.split(num_inst_per_image, dim=0)
 
-    def _activation(self, scores, cls_loss: Optional[nn.Module]):
-        if cls_loss is not None:
-            return cls_loss.activation(scores)
+    def _first_probs(self, scores):
+        if self.cls_loss is not None:
+            return self.cls_loss.activation(scores)
+        return self._detectron2_probs(scores)
+
+    def _dual_probs(self, scores):
+        if self.dual_cls_loss is not None:
+            return self.dual_cls_loss.activation(scores)
+        return self._detectron2_probs(scores)
+
+    def _detectron2_probs(self, scores):
         if self.use_sigmoid_ce:
             return scores.sigmoid()
         return F.softmax(scores, dim=-1)

@@ -76,11 +76,6 @@ class LongTailROIHeads(StandardROIHeads):
     default_cls_loss = "auto"
     predictor_class = LongTailFastRCNNOutputLayers
 
-    def _forward_mask(self, features, instances):
-        if self.training and self.box_predictor.dual_head:
-            return {}  # the dual-head stage trains the second classifier only
-        return super()._forward_mask(features, instances)
-
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         # detectron2's, with this predictor built once in its place: the modules are built in
@@ -230,7 +225,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             stage_proposals = self._stage_proposals
         finally:
             self._stage_proposals = None
-        if self.per_stage_masks and not self.box_predictor[0].dual_head:
+        if self.per_stage_masks and self.mask_on:  # (off in the dual-head stage's training)
             losses.update(self._per_stage_mask_losses(features, stage_proposals))
         else:
             losses.update(self._forward_mask(features, proposals))
@@ -256,7 +251,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
         proposals = super()._match_and_label_boxes(proposals, stage, targets)
-        if not self.per_stage_masks:
+        if not (self.per_stage_masks and self.mask_on):
             return proposals
         # Every stage trains a mask head: its RoIs need the matched ground truth's masks too
         # (detectron2 labels later stages with classes and boxes only). The same matcher on
@@ -318,8 +313,6 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
 
     # ------------------------------------------------------------------ inference
     def _forward_mask(self, features, instances):
-        if self.training and self.box_predictor[0].dual_head:
-            return {}  # the dual-head stage trains the second classifiers only
         if self.training or not self.per_stage_masks:
             return super()._forward_mask(features, instances)
         # mmdetection's Cascade Mask R-CNN: every stage's head on the final boxes, the mean of
