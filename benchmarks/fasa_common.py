@@ -69,8 +69,9 @@ TOOLKIT_VARIANTS = {
     "CE+FASA SMOTE": ("mask_rcnn_R_50_FPN_2x_fasa_smote_random_lvis_v1.yaml", []),
     "CE+FASA MoEx": ("mask_rcnn_R_50_FPN_2x_fasa_moex_random_lvis_v1.yaml", []),
 }
-# LVIS v1 train: images (the denominator of EQL's frequencies).
-LVIS_V1_TRAIN_IMAGES = 100_170
+# LVIS v1 train images with annotations, the denominator of EQL's frequencies (the official LVIS
+# v1 frequency table's values times this give its image counts, e.g. 64 / 0.000643941).
+LVIS_V1_ANNOTATED_TRAIN_IMAGES = 99_388
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,11 +266,11 @@ def _set_toolkit_state(model, cfg):
     counts = lvis_image_counts()
     rpn = model.proposal_generator
     if getattr(rpn, "nms_resampling", False):
-        rpn._class_groups = class_groups_from_frequency(lvis_frequency(counts).tolist())
+        rpn.class_groups = class_groups_from_frequency(lvis_frequency(counts).tolist())
     loss = model.roi_heads.box_predictor.cls_loss
     if hasattr(loss, "frequency_initialized"):  # EQL
         with torch.no_grad():
-            loss.frequency.copy_(torch.as_tensor(counts / LVIS_V1_TRAIN_IMAGES))
+            loss.frequency.copy_(torch.as_tensor(counts / LVIS_V1_ANNOTATED_TRAIN_IMAGES))
             loss.frequency_initialized.fill_(True)
     if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
         freeze_for_dual_head(model)

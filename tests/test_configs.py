@@ -217,6 +217,7 @@ class TestConfigs(unittest.TestCase):
                 cfg = load(path)
                 self.assertEqual(tuple(cfg.TEST.AUG.MIN_SIZES), (1200, 1400, 1600, 1800, 2000))
                 self.assertTrue(cfg.TEST.AUG.FLIP)
+                self.assertEqual(cfg.TEST.AUG.MAX_SIZE, 3333)  # 2000 x 1333 / 800
                 base = load(path.replace("_tta.yaml", ".yaml"))
                 self.assertEqual(cfg.MODEL, base.MODEL)
                 self.assertFalse(base.TEST.AUG.ENABLED)

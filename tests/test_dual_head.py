@@ -153,6 +153,24 @@ class TestModels(unittest.TestCase):
                 with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
                 self.assertEqual(sorted(with_grad), sorted(trainable))
 
+    def test_dual_head_checkpoint_refused_without_the_dual_head(self):
+        """--eval-only's loading refuses a dual-head checkpoint in a config without the dual
+        head (only the first classifier would be evaluated)."""
+        import tempfile
+
+        from fasa_seesaw.engine.checkpoint import CheckpointError, load_for_eval
+
+        dual = Trainer.build_model(load("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml"))
+        cfg = load("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml")
+        cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED = False
+        plain = Trainer.build_model(cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "dual.pth")
+            torch.save({"model": dual.state_dict()}, path)
+            with self.assertRaisesRegex(CheckpointError, "DUAL_HEAD.ENABLED True"):
+                load_for_eval(plain, path)
+            load_for_eval(dual, path)  # the dual-head config takes it
+
     def test_settings_refused(self):
         cfg = load("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml", ["MODEL.WEIGHTS", ""])
         with self.assertRaisesRegex(ConfigError, "MODEL.WEIGHTS is empty"):

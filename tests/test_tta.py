@@ -125,8 +125,50 @@ class TestTTASmoke(unittest.TestCase):
             folder = os.path.join(out, "inference_TTA", cfg.DATASETS.TEST[0])
             self.assertTrue(os.path.isdir(folder))
 
+    def test_dual_head_model_runs_its_mask_head_as_a_plain_model(self):
+        """The dual-head stage's training-time mask switch leaves TTA's box pass (masks off)
+        alone: the mask head runs once per augmentation, on the merged boxes."""
+        opts = ["MODEL.WEIGHTS", "", "TEST.AUG.MIN_SIZES", "(64, 96)"]
+        config = os.path.join(ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_seesaw_quickstart.yaml")
+        calls = {}
+        for dual in (False, True):
+            cfg = get_cfg()
+            add_fasa_seesaw_config(cfg)
+            extra = ["MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED", str(dual)]
+            merge_config(cfg, config, SMOKE_OPTS + ["MODEL.DEVICE", "cpu"] + TTA + opts + extra)
+            torch.manual_seed(0)
+            model = Trainer.build_model(cfg)
+            model.eval()
+            n = []
+            model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: n.append(len(i[1])))
+            with torch.no_grad():
+                build_tta_model(cfg, model)(first_images(cfg, tta_test_mapper(cfg), n=1))
+            calls[dual] = len(n)
+            self.assertTrue(model.roi_heads.mask_on)
+        self.assertEqual(calls[True], calls[False])
+        self.assertEqual(calls[False], 4)  # 2 sizes x (plain, flipped)
+
 
 class TestTTASettings(unittest.TestCase):
+    def test_cv2_resize_backend(self):
+        """With INPUT.RESIZE_BACKEND cv2 every augmented image has mmcv's size (its rule written
+        out here) and its transforms map boxes back to the original image."""
+        from fasa_seesaw.modeling.tta import _CV2DatasetMapperTTA
+
+        cfg = load(TTA + ["INPUT.RESIZE_BACKEND", "cv2", "TEST.AUG.MIN_SIZES", "(100, 200)"])
+        h, w = 151, 302
+        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
+        out = _CV2DatasetMapperTTA(cfg)({"image": image, "height": h, "width": w})
+        self.assertEqual(len(out), 4)
+        box = np.array([[10.0, 20.0, 150.0, 140.0]])
+        for d, short in zip(out, (100, 100, 200, 200)):
+            scale = min(200 / max(h, w), short / min(h, w))  # mmcv's rescale_size
+            self.assertEqual(
+                tuple(d["image"].shape[1:]), (int(h * scale + 0.5), int(w * scale + 0.5))
+            )
+            tfm = d["transforms"]
+            np.testing.assert_allclose(tfm.inverse().apply_box(tfm.apply_box(box)), box, atol=1e-3)
+
     def test_refused(self):
         check_config(load(TTA))
         for opts, pattern in (

@@ -38,10 +38,24 @@ def freeze_for_dual_head(model):
         param.requires_grad_(is_dual_head_key(name))
     heads = getattr(model, "roi_heads", None)
     if heads is not None and getattr(heads, "mask_on", False):
-        heads.register_forward_pre_hook(_masks_at_test_only)
+        # Hooks rather than overrides of the heads' methods, which must stay scriptable. Only
+        # training forwards are touched, and mask_on is restored after each (also on an error),
+        # so inference (test-time augmentation switching masks off included) is as it was.
+        heads.register_forward_pre_hook(_no_masks_in_training)
+        heads.register_forward_hook(_restore_masks, always_call=True)
     return model
 
 
-def _masks_at_test_only(roi_heads, _inputs):
-    # (a hook, not an override of the heads' methods, which must stay scriptable)
-    roi_heads.mask_on = not roi_heads.training
+_SAVED = "_dual_head_saved_mask_on"
+
+
+def _no_masks_in_training(roi_heads, _inputs):
+    if roi_heads.training:
+        setattr(roi_heads, _SAVED, roi_heads.mask_on)
+        roi_heads.mask_on = False
+
+
+def _restore_masks(roi_heads, _inputs, _output):
+    saved = roi_heads.__dict__.pop(_SAVED, None)
+    if saved is not None:
+        roi_heads.mask_on = saved

@@ -288,9 +288,14 @@ class LongTailRPN(RPN):
 
     @property
     def class_groups(self) -> torch.Tensor:
+        """Group id (0 rare, 1 common, 2 frequent) of every class, read on first use."""
         if self._class_groups is None:
             self._class_groups = self._class_groups_fn()
         return self._class_groups
+
+    @class_groups.setter
+    def class_groups(self, groups: torch.Tensor) -> None:
+        self._class_groups = torch.as_tensor(groups, dtype=torch.long)
 
     def forward(self, images, features, gt_instances=None):
         self._gt_instances = gt_instances if self.training and self.nms_resampling else None

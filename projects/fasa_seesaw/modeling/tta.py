@@ -39,6 +39,11 @@ def check_tta(cfg) -> None:
         )
     if aug.MAX_SIZE <= 0:
         raise ConfigError(f"TEST.AUG.MAX_SIZE is {aug.MAX_SIZE}; it must be a positive size.")
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+        raise ConfigError(
+            f"TEST.AUG.ENABLED: detectron2's test-time augmentation runs GeneralizedRCNN models; "
+            f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}."
+        )
     if cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS:
         raise ConfigError(
             "TEST.AUG.ENABLED: detectron2's test-time augmentation supports neither keypoints "
@@ -86,4 +91,6 @@ def build_tta_model(cfg, model) -> GeneralizedRCNNWithTTA:
         mapper = _CV2DatasetMapperTTA(cfg)
     else:
         mapper = DatasetMapperTTA(cfg)
-    return GeneralizedRCNNWithTTA(cfg, model, tta_mapper=mapper)
+    # One augmented image per inference call: at the LVIS scales (up to 2000 x 3333) three at
+    # once, detectron2's default, can exhaust a GPU's memory.
+    return GeneralizedRCNNWithTTA(cfg, model, tta_mapper=mapper, batch_size=1)
