@@ -140,7 +140,7 @@ class TestTTASmoke(unittest.TestCase):
             model = Trainer.build_model(cfg)
             model.eval()
             n = []
-            model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: n.append(len(i[1])))
+            model.roi_heads.mask_head.register_forward_hook(lambda m, i, o, n=n: n.append(1))
             with torch.no_grad():
                 build_tta_model(cfg, model)(first_images(cfg, tta_test_mapper(cfg), n=1))
             calls[dual] = len(n)
