@@ -252,9 +252,9 @@ def _describe_fit(model, incompatible) -> Optional[str]:
     dual = [k for k in incompatible.unexpected_keys if is_dual_head_key(k)]
     if dual:
         return (
-            f"  the checkpoint holds a dual-head classifier ({dual[0]}, ...) that this model lacks: "
-            "evaluate it with MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED True (its config.yaml), or "
-            "only its first classifier would be evaluated."
+            f"  the checkpoint holds a dual-head classifier ({dual[0]}, ...) that this model "
+            "lacks: evaluate it with MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED True (its "
+            "config.yaml), or only its first classifier would be evaluated."
         )
     training = set(training_state_keys(model))
     shapes = [s for s in incompatible.incorrect_shapes if s[0] not in training]
