@@ -5,6 +5,7 @@ Train and evaluate Mask R-CNN / Cascade Mask R-CNN with Seesaw Loss and FASA on 
 
     python train_net.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_seesaw_quickstart.yaml
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS W TEST.AUG.ENABLED True
     python train_net.py --config-file CONFIG --num-gpus 8 --resume
     python train_net.py --config-file CONFIG --dataset my_train=train.json:images \\
         --dataset my_val=val.json:images DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"
@@ -53,6 +54,8 @@ def main(args):
         model = Trainer.build_model(cfg)
         load_for_eval(model, cfg.MODEL.WEIGHTS, allow_untrained=args.eval_untrained)
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
             print_summary(res)
@@ -62,6 +65,8 @@ def main(args):
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
     res = trainer.last_eval_results
+    if cfg.TEST.AUG.ENABLED:
+        res = {**(res or {}), **Trainer.test_with_TTA(cfg, trainer.model)}
     if comm.is_main_process():
         print_summary(res)
     return res

@@ -53,6 +53,25 @@ VARIANTS = {
     "Seesaw+FASA": ("mask_rcnn_R_50_FPN_2x_fasa_seesaw_random_lvis_v1.yaml", []),
 }
 PAIRS = [("CE", "CE+FASA"), ("Seesaw", "Seesaw+FASA")]
+# The toolkit's training-time options (bench_toolkit_step.py), each timed against "CE".
+TOOLKIT_VARIANTS = {
+    "CE": VARIANTS["CE"],
+    "NR": ("mask_rcnn_R_50_FPN_2x_nr_random_lvis_v1.yaml", []),
+    "NR matched": (
+        "mask_rcnn_R_50_FPN_2x_nr_random_lvis_v1.yaml",
+        ["MODEL.RPN.NMS_RESAMPLING.MODE", "matched"],
+    ),
+    "EQL": ("mask_rcnn_R_50_FPN_2x_eql_random_lvis_v1.yaml", []),
+    "EQLv2": ("mask_rcnn_R_50_FPN_2x_eqlv2_random_lvis_v1.yaml", []),
+    "Seesaw": VARIANTS["Seesaw"],
+    "Seesaw dual-head stage": ("mask_rcnn_R_50_FPN_1x_seesaw_dual_head_rfs_lvis_v1.yaml", []),
+    "CE+FASA": VARIANTS["CE+FASA"],
+    "CE+FASA SMOTE": ("mask_rcnn_R_50_FPN_2x_fasa_smote_random_lvis_v1.yaml", []),
+    "CE+FASA MoEx": ("mask_rcnn_R_50_FPN_2x_fasa_moex_random_lvis_v1.yaml", []),
+}
+# LVIS v1 train images with annotations, the denominator of EQL's frequencies (the official LVIS
+# v1 frequency table's values times this give its image counts, e.g. 64 / 0.000643941).
+LVIS_V1_ANNOTATED_TRAIN_IMAGES = 99_388
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +92,15 @@ def fill_bank(bank, counts, seed=0):
         bank.mean.copy_(mean.to(bank.mean))
         bank.var.copy_((std * std).to(bank.var))
         bank.count.copy_(torch.as_tensor(np.maximum(counts, 1), dtype=torch.long))
+
+
+def fill_store(store, seed=0):
+    """A full feature store: ReLU-like features in every slot of every class."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        feats = torch.randn(store.features.shape, generator=g).abs() * 0.3
+        store.features.copy_(feats.to(store.features))
+        store.count.fill_(store.memory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +218,7 @@ def num_proposals(args):
 
 
 def variant_cfg(name, args):
-    cfg_file, extra = VARIANTS[name]
+    cfg_file, extra = {**VARIANTS, **TOOLKIT_VARIANTS}[name]
     cfg = get_cfg()
     add_fasa_seesaw_config(cfg)
     cfg.merge_from_file(str(LVIS_DIR / cfg_file))
@@ -215,14 +243,37 @@ def build_variant(name, args, device):
             pred.fasa.probs.copy_(torch.as_tensor(lvis_fasa_probs(), dtype=pred.fasa.probs.dtype))
             pred.fasa.probs_initialized.fill_(True)
         fill_bank(pred.fasa.bank, counts, seed=args.seed)
+        if pred.fasa.store is not None:  # SMOTE / MoEx: every slot of every class filled
+            fill_store(pred.fasa.store, seed=args.seed)
     class_counts = getattr(pred.cls_loss, "class_counts", None)
     if class_counts is not None:  # Seesaw: counts of a run in progress, not all zero
         rng = np.random.default_rng(args.seed)
         c = lvis_image_counts()
         with torch.no_grad():
             class_counts.copy_(torch.as_tensor(rng.multinomial(512_000, c / c.sum())))
+    _set_toolkit_state(model, cfg)
     optimizer = build_optimizer(cfg, model)
     return cfg, model, optimizer
+
+
+def _set_toolkit_state(model, cfg):
+    """What the toolkit's options read from the training set on their first step, set from LVIS
+    v1's statistics so no dataset is loaded; the dual-head stage frozen as its trainer does."""
+    from fasa_seesaw.data.counts import lvis_frequency
+    from fasa_seesaw.modeling.dual_head import freeze_for_dual_head
+    from fasa_seesaw.modeling.nms_resampling import class_groups_from_frequency
+
+    counts = lvis_image_counts()
+    rpn = model.proposal_generator
+    if getattr(rpn, "nms_resampling", False):
+        rpn.class_groups = class_groups_from_frequency(lvis_frequency(counts).tolist())
+    loss = model.roi_heads.box_predictor.cls_loss
+    if hasattr(loss, "frequency_initialized"):  # EQL
+        with torch.no_grad():
+            loss.frequency.copy_(torch.as_tensor(counts / LVIS_V1_ANNOTATED_TRAIN_IMAGES))
+            loss.frequency_initialized.fill_(True)
+    if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+        freeze_for_dual_head(model)
 
 
 def build_variant_for(name, args, device, batch):

@@ -15,6 +15,8 @@ from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.config import RENAMED_KEYS, merge_config
 from fasa_seesaw.engine import check_config
 from fasa_seesaw.modeling import (
+    EQLLoss,
+    EQLv2Loss,
     LongTailCascadeROIHeads,
     LongTailFastRCNNOutputLayers,
     LongTailROIHeads,
@@ -40,7 +42,12 @@ def load(path, opts=()):
 def family(name):
     """(cascade, loss, FASA, normed mask) that a shipped config's file name promises."""
     name = name.replace("_fasa_release", "")  # where the weights come from, not the method
-    loss = "seesaw" if "seesaw" in name else "softmax_ce"
+    if "eqlv2" in name:
+        loss = "eqlv2"
+    elif "_eql_" in name:
+        loss = "eql"
+    else:
+        loss = "seesaw" if "seesaw" in name else "softmax_ce"
     normed = "normed_mask" in name or "normedmask" in name
     return ("cascade" in name, loss, "fasa" in name, normed)
 
@@ -73,9 +80,18 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(resolve_cls_loss(cfg), loss)
                 self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER, loss == "seesaw")
                 self.assertEqual(cfg.MODEL.FASA.ENABLED, fasa)
+                augmentation = [a for a in ("smote", "moex") if f"_{a}" in name] or ["gaussian"]
+                self.assertEqual(cfg.MODEL.FASA.AUGMENTATION, augmentation[0])
                 self.assertEqual(
                     cfg.MODEL.ROI_MASK_HEAD.NAME == "NormedMaskRCNNConvUpsampleHead", normed_mask
                 )
+                self.assertEqual(
+                    cfg.TEST.AUG.ENABLED, name.endswith("_tta.yaml") or "_tta_" in name
+                )
+                self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED, "dual_head" in name)
+                nr = "_nr_" in name  # NMS re-sampling
+                self.assertEqual(cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED, nr)
+                self.assertEqual(cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LongTailRPN", nr)
 
     def test_one_model_per_family_builds_with_its_outputs(self):
         """One config per (architecture, loss, FASA, mask head) family is built: predictor type,
@@ -83,12 +99,12 @@ class TestConfigs(unittest.TestCase):
         chosen = {}
         for path in CONFIGS:
             name = os.path.basename(path).lower()
-            if name.startswith("base-"):
+            if name.startswith("base-") or "dual_head" in name:  # (tests/test_dual_head.py)
                 continue
             chosen.setdefault(family(name), path)
-        # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw; Cascade: CE, Seesaw,
-        # Seesaw + normed mask, FASA.
-        self.assertEqual(len(chosen), 9)
+        # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw, EQL, EQLv2; Cascade:
+        # CE, Seesaw, Seesaw + normed mask, FASA, EQL, EQLv2.
+        self.assertEqual(len(chosen), 13)
         torch.manual_seed(0)
         for (cascade, loss, fasa, normed_mask), path in sorted(chosen.items()):
             with self.subTest(config=os.path.relpath(path, ROOT)):
@@ -103,9 +119,13 @@ class TestConfigs(unittest.TestCase):
                 self.assertEqual(len(predictors), 3 if cascade else 1)
                 for p in predictors:
                     self.assertIsInstance(p, LongTailFastRCNNOutputLayers)
+                    sigmoid = {"eql": EQLLoss, "eqlv2": EQLv2Loss}
                     if loss == "seesaw":
                         self.assertIsInstance(p.cls_loss, SeesawLoss)
                         self.assertIsInstance(p.cls_score, NormedLinear)  # the recipe's
+                    elif loss in sigmoid:
+                        self.assertIsInstance(p.cls_loss, sigmoid[loss])
+                        self.assertNotIsInstance(p.cls_score, NormedLinear)
                     else:
                         self.assertIsNone(p.cls_loss, "detectron2's loss expected")
                         self.assertNotIsInstance(p.cls_score, NormedLinear)
@@ -120,7 +140,10 @@ class TestConfigs(unittest.TestCase):
                     self.assertEqual(tuple(scores.shape), (5, C + (2 if loss == "seesaw" else 1)))
                     self.assertEqual(tuple(deltas.shape), (5, 4 if cascade else 4 * C))
                     self.assertEqual([tuple(t.shape) for t in probs], [(2, C + 1), (3, C + 1)])
-                    torch.testing.assert_close(probs[0].sum(1), torch.ones(2))
+                    if loss in sigmoid:  # independent sigmoid scores in [0, 1]
+                        self.assertTrue(bool(((probs[0] >= 0) & (probs[0] <= 1)).all()))
+                    else:
+                        torch.testing.assert_close(probs[0].sum(1), torch.ones(2))
                 if cascade:
                     for module in ("cls_loss", "fasa"):
                         held = [getattr(p, module) for p in predictors]
@@ -160,6 +183,19 @@ class TestConfigs(unittest.TestCase):
             ("fasa_seesaw", "fasa_seesaw_static"): {"MODEL.FASA.ADAPT.ENABLED": False},
             ("fasa_seesaw", "fasa_seesaw_uniform"): {"MODEL.FASA.INIT_PROBS": "uniform"},
             ("fasa_seesaw", "fasa_seesaw_light"): {"MODEL.FASA.LOSS_WEIGHT": 0.02},
+            ("ce", "nr"): {
+                "MODEL.PROPOSAL_GENERATOR.NAME": "LongTailRPN",
+                "MODEL.RPN.NMS_RESAMPLING.ENABLED": True,
+            },
+            ("fasa", "fasa_nr"): {
+                "MODEL.PROPOSAL_GENERATOR.NAME": "LongTailRPN",
+                "MODEL.RPN.NMS_RESAMPLING.ENABLED": True,
+            },
+            # The toolkit's losses: only the loss and its keys (EQLv2's keys at their defaults).
+            ("ce", "eql"): {"MODEL.ROI_BOX_HEAD.CLS_LOSS": "eql", "MODEL.EQL.LAMBDA": 0.11},
+            ("ce", "eqlv2"): {"MODEL.ROI_BOX_HEAD.CLS_LOSS": "eqlv2"},
+            ("fasa", "fasa_smote"): {"MODEL.FASA.AUGMENTATION": "smote"},
+            ("fasa", "fasa_moex"): {"MODEL.FASA.AUGMENTATION": "moex"},
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):
@@ -170,6 +206,22 @@ class TestConfigs(unittest.TestCase):
                     self.assertEqual(b["MODEL.FASA.ADAPT.HELDOUT_FRACTION"], 0.05)
                     diff.pop("MODEL.FASA.ADAPT.HELDOUT_FRACTION", None)
                 self.assertEqual(diff, expected)
+
+    def test_lvis_tta_scales(self):
+        """The LVIS TTA variants: the Seesaw entry's scales, flipped, on their base recipe."""
+        lvis = os.path.join(ROOT, "configs", "LVISv1-InstanceSegmentation")
+        variants = glob.glob(os.path.join(lvis, "*_tta.yaml"))
+        self.assertGreaterEqual(len(variants), 2)
+        for path in variants:
+            with self.subTest(config=os.path.basename(path)):
+                cfg = load(path)
+                self.assertEqual(tuple(cfg.TEST.AUG.MIN_SIZES), (1200, 1400, 1600, 1800, 2000))
+                self.assertTrue(cfg.TEST.AUG.FLIP)
+                self.assertEqual(cfg.TEST.AUG.MAX_SIZE, 3333)  # 2000 x 1333 / 800
+                base = load(path.replace("_tta.yaml", ".yaml"))
+                self.assertEqual(cfg.MODEL, base.MODEL)
+                self.assertFalse(base.TEST.AUG.ENABLED)
+                check_config(cfg)
 
     def test_lvis_recipe_values(self):
         cfg = load(

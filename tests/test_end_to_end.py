@@ -123,6 +123,71 @@ class TestEndToEnd(unittest.TestCase):
             self.assertIn(words, r.stderr)
             self.assertNotIn("Traceback", r.stderr)
 
+    def test_dual_head_stage(self):
+        """The dual-head stage from the trained model: every tensor but the new classifier's is
+        bit-identical afterwards (the first classifier's Seesaw counts too), the checkpoint holds
+        both classifiers and evaluates; without a trained model it is one clear line."""
+        import torch
+
+        from fasa_seesaw.modeling.dual_head import is_dual_head_key
+        from fasa_seesaw.testing import checkpoint_model
+
+        self.assertEqual(self.train.returncode, 0)
+        weights = os.path.join(self.out, "model_final.pth")
+        config = os.path.join(
+            ROOT, "configs/quickstart/mask_rcnn_R_18_FPN_seesaw_dual_head_quickstart.yaml"
+        )
+        opts = SMOKE_OPTS + [
+            "SOLVER.MAX_ITER",
+            "4",
+            "SOLVER.STEPS",
+            "()",
+            "SOLVER.WARMUP_ITERS",
+            "0",
+        ]
+        out = os.path.join(self.tmp, "dual")
+        r = run_train_net(
+            ["--config-file", config] + opts + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", out],
+            self.env,
+        )
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        self.assertEqual(set(summary(r.stdout)), {"bbox", "segm"})
+        first = checkpoint_model(weights)
+        second = checkpoint_model(os.path.join(out, "model_final.pth"))
+        dual = sorted(k for k in second if is_dual_head_key(k))
+        prefix = "roi_heads.box_predictor."
+        self.assertEqual(
+            dual,
+            [
+                prefix + k
+                for k in (
+                    "dual_cls_loss.class_counts",
+                    "dual_cls_score.bias",
+                    "dual_cls_score.weight",
+                )
+            ],
+        )
+        self.assertGreater(float(second[dual[0]].sum()), 0)  # it counted its RoIs
+        self.assertEqual(set(first), set(second) - set(dual))  # every other tensor, unchanged
+        changed = [k for k in first if not torch.equal(first[k], second[k])]
+        self.assertEqual(changed, [])
+        # Without a trained model: an empty MODEL.WEIGHTS, or weights that fill only the backbone
+        backbone_only = os.path.join(self.tmp, "backbone_only.pth")
+        torch.save(
+            {"model": {k: v for k, v in first.items() if k.startswith("backbone.")}}, backbone_only
+        )
+        for w, words in (
+            ("", "MODEL.WEIGHTS is empty"),
+            (backbone_only, "does not fill the model"),
+        ):
+            r = run_train_net(
+                ["--config-file", config] + opts + ["MODEL.WEIGHTS", w, "OUTPUT_DIR", out + w[-3:]],
+                self.env,
+            )
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn(words, r.stderr)
+            self.assertNotIn("Traceback", r.stderr)
+
     def test_top_k_per_class_inference(self):
         """The bounded top-K-per-class mode keeps exactly what an uncapped run capped per class
         would keep, and reports AP-Fixed, AP-Pool and TIDE next to the per-category CSV."""

@@ -9,13 +9,13 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
 from fasa_seesaw.engine import check_config
 from fasa_seesaw.modeling import FASA, FASAFastRCNNOutputLayers, SeesawFastRCNNOutputLayers
 from fasa_seesaw.testing import toy_fasa_seesaw_predictor
+from fasa_seesaw.testing import toy_proposals as proposals
 
 C, D = 5, 8
 COUNTS = [400, 100, 20, 4, 1]
@@ -42,15 +42,6 @@ def fasa_args(**over):
 def make(cls=SeesawFastRCNNOutputLayers, **fasa_over):
     """The Seesaw predictor with the cosine classifier (the Seesaw recipe) and FASA."""
     return toy_fasa_seesaw_predictor(D, COUNTS, cls, **fasa_args(**fasa_over))
-
-
-def proposals(gt):
-    inst = Instances((64, 64))
-    boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(len(gt), 1)
-    inst.proposal_boxes = Boxes(boxes)
-    inst.gt_boxes = Boxes(boxes + 1)
-    inst.gt_classes = torch.tensor(gt)
-    return [inst]
 
 
 class TestFASAPredictor(unittest.TestCase):

@@ -18,9 +18,12 @@ BOOL_BAD = [1, 0, "True", None]
 
 # key: (values refused, values accepted). Every project key has a row.
 CASES = {
-    "MODEL.ROI_BOX_HEAD.CLS_LOSS": (["focal", "", "Seesaw"], ["auto", "seesaw", "softmax_ce"]),
+    "MODEL.ROI_BOX_HEAD.CLS_LOSS": (
+        ["focal", "", "Seesaw", "EQL", "eqlv3"], ["auto", "seesaw", "softmax_ce", "eql", "eqlv2"]
+    ),
     "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER": (BOOL_BAD, [True, False]),
     "MODEL.ROI_BOX_HEAD.NORM_TEMP": ([0.0, -20.0, NAN, INF], [20.0, 0.5]),
+    "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED": (BOOL_BAD, [True, False]),
     "MODEL.ROI_MASK_HEAD.NORM_TEMP": ([0.0, -1.0, NAN], [20.0, 1.0]),
     "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE": (["mean", "Logits"], ["probs", "logits"]),
     "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": (["each", 3], ["one", "per_stage"]),
@@ -28,12 +31,31 @@ CASES = {
         [[-1.0, 0.5, 0.25], [NAN], 1.0, ["1"]], [[], [1.0, 0.5, 0.25], (1, 1, 1)]
     ),
     "INPUT.RESIZE_BACKEND": (["opencv", "PIL", ""], ["pil", "cv2"]),
+    "MODEL.RPN.NMS_RESAMPLING.ENABLED": (BOOL_BAD, [True, False]),
+    "MODEL.RPN.NMS_RESAMPLING.MODE": (["linear", "Discrete"], ["discrete", "matched"]),
+    # IoU thresholds of rare, common, frequent: each in (0, 1].
+    "MODEL.RPN.NMS_RESAMPLING.THRESHOLDS": (
+        [[0.9, 0.8], [0.9, 0.8, 0.0], [1.1, 0.8, 0.7], [NAN, 0.8, 0.7], 0.9],
+        [[0.9, 0.8, 0.7], (1.0, 1.0, 1.0), [0.5, 0.6, 0.7]],
+    ),
+    "MODEL.RPN.NMS_RESAMPLING.MATCH_IOU": ([-0.1, 1.5, NAN], [0.0, 0.3, 1.0]),
     "MODEL.SEESAW.P": ([-0.8, NAN, INF, True], [0.0, 0.8, 2]),
     "MODEL.SEESAW.Q": ([-2.0, NAN, INF], [0.0, 2.0]),
     "MODEL.SEESAW.EPS": ([0.0, -0.01, 1.5, NAN], [0.01, 1.0]),
     "MODEL.SEESAW.LOSS_WEIGHT": ([-1.0, NAN, INF], [0.0, 1.0]),
     "MODEL.SEESAW.OBJECTNESS_LOSS_WEIGHT": ([-0.5, NAN], [0.0, 1.0]),
     "MODEL.SEESAW.SYNC_COUNTS": (BOOL_BAD, [True, False]),
+    # EQL: lambda is a frequency threshold (0 = no tail class); a prior probability lies in (0, 1).
+    "MODEL.EQL.LAMBDA": ([-0.001, NAN, INF, True], [0.0, 0.0011, 0.00177]),
+    "MODEL.EQL.LOSS_WEIGHT": ([-1.0, NAN], [0.0, 1.0]),
+    "MODEL.EQL.PRIOR_PROB": ([0.0, 1.0, -0.1, NAN], [0.001, 0.5]),
+    "MODEL.EQLV2.GAMMA": ([-12.0, NAN, INF], [0.0, 12.0]),
+    "MODEL.EQLV2.MU": ([-0.8, NAN], [0.0, 0.8]),
+    "MODEL.EQLV2.ALPHA": ([-4.0, NAN], [0.0, 4.0]),
+    "MODEL.EQLV2.LOSS_WEIGHT": ([-1.0, NAN], [0.0, 1.0]),
+    "MODEL.EQLV2.PRIOR_PROB": ([0.0, 1.0, NAN], [0.001, 0.99]),
+    "MODEL.EQLV2.TEST_WITH_OBJ": (BOOL_BAD, [True, False]),
+    "MODEL.EQLV2.SYNC_STATS": (BOOL_BAD, [True, False]),
     "MODEL.FASA.ENABLED": (BOOL_BAD, [True, False]),
     "MODEL.FASA.LOSS_WEIGHT": ([-0.1, NAN], [0.0, 0.1]),
     "MODEL.FASA.SAMPLES_PER_CLASS": ([0, -1, 1.5, True], [1, 5]),
@@ -44,6 +66,14 @@ CASES = {
     "MODEL.FASA.BANK_VARIANCE": (["unbiased"], ["sample", "population"]),
     "MODEL.FASA.SYNC_BANK": (BOOL_BAD, [True, False]),
     "MODEL.FASA.INIT_PROBS": (["inverse", "sqrt"], ["inverse_frequency", "uniform"]),
+    "MODEL.FASA.AUGMENTATION": (["SMOTE", "mixup", ""], ["gaussian", "smote", "moex"]),
+    "MODEL.FASA.FEATURE_MEMORY": ([0, -1, 8.0, True], [1, 2, 16]),
+    # SMOTE's k nearest neighbours: k >= 1.
+    "MODEL.FASA.SMOTE_K": ([0, -5, 5.0], [1, 5]),
+    # MoEx's lambda weighs the drawn class's label: (0, 1].
+    "MODEL.FASA.MOEX_LAMBDA": ([0.0, -0.1, 1.5, NAN], [0.9, 1.0, 0.5]),
+    "MODEL.FASA.MOEX_PROB": ([-0.1, 1.1, NAN], [0.0, 1.0, 0.5]),
+    "MODEL.FASA.MOEX_EPS": ([0.0, -1e-5, NAN, INF], [1e-5, 1.0]),
     "MODEL.FASA.ADAPT.ENABLED": (BOOL_BAD, [True, False]),
     "MODEL.FASA.ADAPT.PERIOD": ([0, -2, 10.0], [-1, 1, 500]),
     "MODEL.FASA.ADAPT.HELDOUT_DATASET": ([None, 3], ["", "lvis_v1_val"]),
@@ -138,6 +168,12 @@ class TestSettings(unittest.TestCase):
         cfg.TEST.LVIS.TOPK_PER_CLASS = 10  # below FIXED_K 10000
         with self.assertRaisesRegex(ConfigError, r"TOPK_PER_CLASS \(10\) is below FIXED_K"):
             check_settings(cfg)
+        cfg = _cfg()
+        cfg.MODEL.FASA.AUGMENTATION, cfg.MODEL.FASA.FEATURE_MEMORY = "smote", 1
+        with self.assertRaisesRegex(ConfigError, r"FEATURE_MEMORY is 1; AUGMENTATION 'smote'"):
+            check_settings(cfg)
+        cfg.MODEL.FASA.AUGMENTATION = "moex"  # one stored feature is enough
+        check_settings(cfg)
 
     def test_the_issues_settings_are_refused_by_check_config(self):
         # Settings that used to be accepted and then trained a wrong model, or crashed an epoch in.

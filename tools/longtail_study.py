@@ -75,6 +75,12 @@ MATRIX = OrderedDict(
         ("fasa_seesaw_uniform", "mask_rcnn_R_18_FPN_fasa_seesaw_uniform_study.yaml"),
         ("fasa_seesaw_light", "mask_rcnn_R_18_FPN_fasa_seesaw_light_study.yaml"),
         ("fasa_rfs", "mask_rcnn_R_18_FPN_fasa_rfs_study.yaml"),
+        ("nr", "mask_rcnn_R_18_FPN_nr_study.yaml"),
+        ("fasa_nr", "mask_rcnn_R_18_FPN_fasa_nr_study.yaml"),
+        ("eql", "mask_rcnn_R_18_FPN_eql_study.yaml"),
+        ("eqlv2", "mask_rcnn_R_18_FPN_eqlv2_study.yaml"),
+        ("fasa_smote", "mask_rcnn_R_18_FPN_fasa_smote_study.yaml"),
+        ("fasa_moex", "mask_rcnn_R_18_FPN_fasa_moex_study.yaml"),
     ]
 )
 # Names for parts of it, usable in --configs.
@@ -85,6 +91,7 @@ GROUPS = OrderedDict(
         ("ablations", ["fasa_uniform", "fasa_metric", "fasa_affinity", "fasa_classwise"]),
         ("diagnosis", ["fasa_static", "fasa_seesaw_static"]),
         ("interplay", ["fasa_seesaw_uniform", "fasa_seesaw_light"]),
+        ("toolkit", ["nr", "fasa_nr", "eql", "eqlv2", "fasa_smote", "fasa_moex"]),
         ("all", list(MATRIX)),
     ]
 )

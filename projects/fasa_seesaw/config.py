@@ -10,21 +10,28 @@ def add_fasa_seesaw_config(cfg):
     """
     Add the keys of this project: the box predictor's under MODEL.ROI_BOX_HEAD (CLS_LOSS,
     NORMED_CLASSIFIER, NORM_TEMP), the normed mask head's under MODEL.ROI_MASK_HEAD (NORM_TEMP),
-    the methods' under MODEL.SEESAW and MODEL.FASA, LVIS evaluation under TEST.LVIS and the rest
-    under FASA_SEESAW. No core detectron2 key changes meaning.
+    the methods' under MODEL.SEESAW, MODEL.EQL, MODEL.EQLV2 and MODEL.FASA, LVIS evaluation
+    under TEST.LVIS and the rest under FASA_SEESAW. No core detectron2 key changes meaning.
     """
     _C = cfg
 
     # Classification loss of the box predictor of LongTailROIHeads / LongTailCascadeROIHeads:
-    # "softmax_ce", "sigmoid_ce", "federated" (detectron2's), "seesaw", or "auto": the ROI
-    # head's default (Seesaw for SeesawROIHeads), else detectron2's as USE_SIGMOID_CE and
-    # USE_FED_LOSS select it.
+    # "softmax_ce", "sigmoid_ce", "federated" (detectron2's), "seesaw", "eql", "eqlv2", or
+    # "auto": the ROI head's default (Seesaw for SeesawROIHeads), else detectron2's as
+    # USE_SIGMOID_CE and USE_FED_LOSS select it.
     _C.MODEL.ROI_BOX_HEAD.CLS_LOSS = "auto"
     # Cosine (normalised) classifier for all outputs of the box predictor, as in the Seesaw
     # recipe; False: detectron2's linear classifier.
     _C.MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER = False
     # Temperature (scale) of the cosine classifier.
     _C.MODEL.ROI_BOX_HEAD.NORM_TEMP = 20.0
+    # Dual-head classification (Seesaw supplement 4.2), a second training stage: a new classifier
+    # beside each box predictor's (every cascade stage), of the same kind and loss, trained from
+    # MODEL.WEIGHTS (the trained model) with the rest of the model frozen; at test the two
+    # classifiers' scores are averaged. The stage's sampler and schedule are the config's own
+    # (the Seesaw entry: RFS, 1x).
+    _C.MODEL.ROI_BOX_HEAD.DUAL_HEAD = CN()
+    _C.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED = False
     # Temperature of the cosine 1x1 mask predictor of NormedMaskRCNNConvUpsampleHead ("Norm Mask").
     _C.MODEL.ROI_MASK_HEAD.NORM_TEMP = 20.0
     # Cascade heads (LongTailCascadeROIHeads): detectron2's cascade by default; the values in
@@ -43,6 +50,22 @@ def add_fasa_seesaw_config(cfg):
     # size rule, which is one pixel off detectron2's for some shapes).
     _C.INPUT.RESIZE_BACKEND = "pil"
 
+    # NMS re-sampling (Forest R-CNN; FASA supplement Table 8) in the training-time NMS of the RPN
+    # (MODEL.PROPOSAL_GENERATOR.NAME "LongTailRPN"): a proposal near a rare object survives NMS
+    # up to a higher IoU than one near a frequent object. Test-time NMS stays MODEL.RPN.NMS_THRESH.
+    _C.MODEL.RPN.NMS_RESAMPLING = CN()
+    _C.MODEL.RPN.NMS_RESAMPLING.ENABLED = False
+    # "discrete" (the official LVIS configs: one NMS per group, each keeping the survivors near
+    # that group's ground truth; the frequent pass keeps those near no rare or common one) or
+    # "matched" (each proposal takes the group of the ground truth it overlaps most, and one NMS
+    # runs with each kept proposal's own threshold).
+    _C.MODEL.RPN.NMS_RESAMPLING.MODE = "discrete"
+    # NMS IoU thresholds for proposals of rare, common and frequent classes; proposals on no
+    # object use the frequent one.
+    _C.MODEL.RPN.NMS_RESAMPLING.THRESHOLDS = [0.9, 0.8, 0.7]
+    # IoU with a ground-truth box from which a proposal belongs to that box's group.
+    _C.MODEL.RPN.NMS_RESAMPLING.MATCH_IOU = 0.3
+
     _C.MODEL.SEESAW = CN()
     # Mitigation exponent p: M_ij = (N_j / N_i)^p when N_j < N_i. 0 switches mitigation off.
     _C.MODEL.SEESAW.P = 0.8
@@ -58,6 +81,35 @@ def add_fasa_seesaw_config(cfg):
     # Sum the per-class foreground counts over all processes (True), or keep them per process
     # as the mmdetection reference does (False).
     _C.MODEL.SEESAW.SYNC_COUNTS = True
+
+    _C.MODEL.EQL = CN()
+    # Equalization Loss (CLS_LOSS "eql"). Tail threshold lambda: a foreground RoI ignores the
+    # negative terms of classes whose image frequency (images with the class / images with any
+    # annotation, from DATASETS.TRAIN) is < LAMBDA. 0.0011: the official LVIS v1 config (EQLv2
+    # repository); 0.00177: the paper's LVIS v0.5 value.
+    _C.MODEL.EQL.LAMBDA = 0.0011
+    # Weight of the EQL class loss (summed over classes, divided by the number of sampled RoIs).
+    _C.MODEL.EQL.LOSS_WEIGHT = 1.0
+    # Initial sigmoid probability of every class: classifier bias -log((1 - p) / p), as the
+    # official code initialises it (0.5 gives detectron2's zero bias).
+    _C.MODEL.EQL.PRIOR_PROB = 0.001
+
+    _C.MODEL.EQLV2 = CN()
+    # Equalization Loss v2 (CLS_LOSS "eqlv2"): negative weight q_j = f(pos_j / neg_j) with
+    # f(x) = 1 / (1 + exp(-GAMMA (x - MU))), positive weight 1 + ALPHA (1 - q_j). The paper's and
+    # the official code's values.
+    _C.MODEL.EQLV2.GAMMA = 12.0
+    _C.MODEL.EQLV2.MU = 0.8
+    _C.MODEL.EQLV2.ALPHA = 4.0
+    # Weight of the EQLv2 loss (classes and objectness logit, divided by the number of RoIs).
+    _C.MODEL.EQLV2.LOSS_WEIGHT = 1.0
+    # Initial sigmoid probability of every logit (classifier bias), as the official code.
+    _C.MODEL.EQLV2.PRIOR_PROB = 0.001
+    # Test-time class scores multiplied by (1 - sigmoid(objectness logit)) (official default).
+    _C.MODEL.EQLV2.TEST_WITH_OBJ = True
+    # Sum each step's gradient statistics over all processes (True, as the official code), or
+    # keep them per process (False).
+    _C.MODEL.EQLV2.SYNC_STATS = True
 
     _C.MODEL.FASA = CN()
     # Feature Augmentation and Sampling Adaptation, with any CLS_LOSS. Needs ROI_HEADS.NAME
@@ -85,6 +137,25 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.FASA.SYNC_BANK = True
     # Initial draw probabilities: "inverse_frequency" (training instance counts) or "uniform".
     _C.MODEL.FASA.INIT_PROBS = "inverse_frequency"
+    # How a drawn class's virtual feature is made: "gaussian" (FASA's: N(mean_c, var_c) from the
+    # bank), "smote" (an interpolation of two stored features of the class and a cosine
+    # neighbour) or "moex" (a stored feature of the class with the channel mean and std of a
+    # stored feature of another class, labels mixed). FASA supplement section F; docs/fasa.md.
+    _C.MODEL.FASA.AUGMENTATION = "gaussian"
+    # SMOTE and MoEx: real positive classifier-input features kept per class (a ring buffer of
+    # C x FEATURE_MEMORY x D floats: 79 MB at LVIS's 1203 classes x 1024-d for 16). Unused by
+    # "gaussian". SMOTE needs >= 2; 16 leaves 15 candidates for its 5 neighbours.
+    _C.MODEL.FASA.FEATURE_MEMORY = 16
+    # SMOTE: nearest neighbours (cosine) among the class's stored features; the supplement's 5.
+    _C.MODEL.FASA.SMOTE_K = 5
+    # MoEx: loss = LAMBDA * L(x_hat, c) + (1 - LAMBDA) * L(x_hat, y_B); 0.9 as MoEx's ImageNet
+    # recipe (the supplement does not give it).
+    _C.MODEL.FASA.MOEX_LAMBDA = 0.9
+    # MoEx: probability that a step's virtual features are moment-exchanged (else the stored
+    # features themselves, label c); the supplement's 1.0.
+    _C.MODEL.FASA.MOEX_PROB = 1.0
+    # MoEx: epsilon added to the variance of a feature's channels; the supplement's 1e-5.
+    _C.MODEL.FASA.MOEX_EPS = 1e-5
 
     _C.MODEL.FASA.ADAPT = CN()
     # Adapt the draw probabilities from a validation-loss pass (FASAAdaptationHook).

@@ -24,6 +24,7 @@ __all__ = [
     "random_lvis_case",
     "toy_fasa_seesaw_predictor",
     "toy_lvis_gt",
+    "toy_proposals",
 ]
 
 
@@ -124,6 +125,19 @@ def toy_fasa_seesaw_predictor(feature_dim: int = 8, counts=TOY_COUNTS, cls=None,
         normed_classifier=True,
         fasa=FASA(C, D, **fasa_args),
     )
+
+
+def toy_proposals(gt):
+    """One 64 x 64 image's training proposals with ground-truth classes ``gt``: the same box
+    for every RoI, its ground-truth box one pixel off (for a predictor's ``losses``)."""
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances((64, 64))
+    boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(len(gt), 1)
+    inst.proposal_boxes = Boxes(boxes)
+    inst.gt_boxes = Boxes(boxes + 1)
+    inst.gt_classes = torch.tensor(gt)
+    return [inst]
 
 
 W, H = 160, 120  # the image size of random_lvis_case

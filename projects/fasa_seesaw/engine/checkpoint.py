@@ -245,7 +245,17 @@ def training_state_keys(model: torch.nn.Module) -> List[str]:
 
 
 def _describe_fit(model, incompatible) -> Optional[str]:
-    """A message for weights that leave part of the model as it was built, else None."""
+    """A message for weights that leave part of the model as it was built, or whose dual-head
+    classifier the model has no place for, else None."""
+    from ..modeling.dual_head import is_dual_head_key
+
+    dual = [k for k in incompatible.unexpected_keys if is_dual_head_key(k)]
+    if dual:
+        return (
+            f"  the checkpoint holds a dual-head classifier ({dual[0]}, ...) that this model "
+            "lacks: evaluate it with MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED True (its "
+            "config.yaml), or only its first classifier would be evaluated."
+        )
     training = set(training_state_keys(model))
     shapes = [s for s in incompatible.incorrect_shapes if s[0] not in training]
     # fvcore drops the tensors of another shape before loading, so they are "missing" too.

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
 from ..errors import ConfigError
@@ -23,7 +24,10 @@ logger = logging.getLogger(__name__)
 
 def check_config(cfg):
     """Raise ConfigError naming the problem and the fix; returns None when all is well."""
+    from ..modeling.tta import check_tta
+
     check_settings(cfg)
+    check_tta(cfg)
     check_schedule(cfg.SOLVER)
     check_model(cfg)
     if cfg.FASA_SEESAW.CHECK_NUM_CLASSES:
@@ -41,10 +45,20 @@ def check_schedule(solver):
 
 
 def check_model(cfg):
-    """The ROI head, its classification loss and FASA fit together."""
+    """The proposal generator, the ROI head, its classification loss and FASA fit together."""
     from ..modeling.fast_rcnn import project_predictor_error
+    from ..modeling.nms_resampling import LongTailRPN
     from ..modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
+    generator = cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    if cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED and not (
+        generator in PROPOSAL_GENERATOR_REGISTRY
+        and issubclass(PROPOSAL_GENERATOR_REGISTRY.get(generator), LongTailRPN)
+    ):
+        raise ConfigError(
+            f"MODEL.RPN.NMS_RESAMPLING.ENABLED needs MODEL.PROPOSAL_GENERATOR.NAME 'LongTailRPN' "
+            f"(detectron2's RPN with NMS re-sampling); it is {generator!r}."
+        )
     head = cfg.MODEL.ROI_HEADS.NAME
     ours = (LongTailROIHeads, LongTailCascadeROIHeads)
     if head not in ROI_HEADS_REGISTRY:
@@ -58,6 +72,7 @@ def check_model(cfg):
                 ("MODEL.ROI_BOX_HEAD.CLS_LOSS", cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS != "auto"),
                 ("TEST.LVIS.TOPK_PER_CLASS", cfg.TEST.LVIS.TOPK_PER_CLASS > 0),
                 ("FASA_SEESAW.GRAD_STATS.ENABLED", cfg.FASA_SEESAW.GRAD_STATS.ENABLED),
+                ("MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED", cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED),
             )
             if on
         ]
@@ -65,6 +80,17 @@ def check_model(cfg):
             raise project_predictor_error(extras, f"MODEL.ROI_HEADS.NAME is {head!r}")
         return
     resolve_cls_loss(cfg)  # CLS_LOSS against USE_SIGMOID_CE / USE_FED_LOSS
+    if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+        if not cfg.MODEL.WEIGHTS:
+            raise ConfigError(
+                "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED trains a second classifier on a trained "
+                "model, but MODEL.WEIGHTS is empty: set it to the first stage's model_final.pth."
+            )
+        if cfg.MODEL.FASA.ENABLED:
+            raise ConfigError(
+                "The dual-head stage trains a second classifier on a frozen model; FASA cannot be "
+                "part of it. Set MODEL.FASA.ENABLED False for that stage."
+            )
     if cfg.MODEL.FASA.ENABLED and cfg.MODEL.ROI_BOX_HEAD.NUM_FC < 1:
         raise ConfigError(
             "FASA models the box head's last fully-connected feature, but "

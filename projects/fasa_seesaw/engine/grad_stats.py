@@ -278,7 +278,13 @@ class GradientStatsHook(HookBase):
             )
 
 
-_LOSS_LABELS = {"softmax_ce": "CE", "sigmoid_ce": "sigmoid CE", "federated": "federated"}
+_LOSS_LABELS = {
+    "softmax_ce": "CE",
+    "sigmoid_ce": "sigmoid CE",
+    "federated": "federated",
+    "eql": "EQL",
+    "eqlv2": "EQLv2",
+}
 
 
 def _loss_label(cfg) -> str:

@@ -18,6 +18,8 @@ from ..evaluation.report import EXTRAS
 from ..modeling.cls_losses import cls_loss_names
 from ..modeling.fasa_feature_bank import _MODES, VARIANCES
 from ..modeling.fasa_sampling import GROUP_SIGNALS, INIT_PROBS
+from ..modeling.feature_augment import AUGMENTATIONS
+from ..modeling.nms_resampling import NMS_RESAMPLING_MODES
 from ..modeling.roi_heads import CASCADE_MASK_HEADS, SCORE_AVERAGES
 from .fasa_hook import CLUSTERING
 
@@ -120,6 +122,7 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.ROI_BOX_HEAD.CLS_LOSS": one_of(("auto",) + tuple(cls_loss_names())),
         "MODEL.ROI_BOX_HEAD.NORMED_CLASSIFIER": boolean(),
         "MODEL.ROI_BOX_HEAD.NORM_TEMP": number(0.0, low_open=True, hint="the papers use 20"),
+        "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED": boolean(),
         "MODEL.ROI_MASK_HEAD.NORM_TEMP": number(0.0, low_open=True, hint="the papers use 20"),
         "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE": one_of(
             SCORE_AVERAGES, hint="mmdetection averages logits"
@@ -131,12 +134,40 @@ def _settings() -> Dict[str, Domain]:
             hint="one per stage; mmdetection uses [1.0, 0.5, 0.25]"
         ),
         "INPUT.RESIZE_BACKEND": one_of(RESIZE_BACKENDS, hint="mmdetection resizes with cv2"),
+        "MODEL.RPN.NMS_RESAMPLING.ENABLED": boolean(),
+        "MODEL.RPN.NMS_RESAMPLING.MODE": one_of(
+            NMS_RESAMPLING_MODES, hint="the official LVIS configs use discrete"
+        ),
+        "MODEL.RPN.NMS_RESAMPLING.THRESHOLDS": Domain(
+            "three IoU thresholds in (0, 1] for rare, common and frequent",
+            lambda v: isinstance(v, (list, tuple))
+            and len(v) == 3
+            and all(_is_number(x) and 0.0 < x <= 1.0 for x in v),
+            "Forest R-CNN uses [0.9, 0.8, 0.7]",
+        ),
+        "MODEL.RPN.NMS_RESAMPLING.MATCH_IOU": number(0.0, 1.0, hint="Forest R-CNN uses 0.3"),
         "MODEL.SEESAW.P": number(0.0, hint="the paper uses 0.8; 0 switches mitigation off"),
         "MODEL.SEESAW.Q": number(0.0, hint="the paper uses 2.0; 0 switches compensation off"),
         "MODEL.SEESAW.EPS": number(0.0, 1.0, low_open=True, hint="the paper uses 0.01"),
         "MODEL.SEESAW.LOSS_WEIGHT": weight,
         "MODEL.SEESAW.OBJECTNESS_LOSS_WEIGHT": weight,
         "MODEL.SEESAW.SYNC_COUNTS": boolean(),
+        "MODEL.EQL.LAMBDA": number(
+            0.0, hint="the official LVIS v1 config uses 0.0011; 0 is sigmoid CE"
+        ),
+        "MODEL.EQL.LOSS_WEIGHT": weight,
+        "MODEL.EQL.PRIOR_PROB": number(
+            0.0, 1.0, low_open=True, high_open=True, hint="the official code uses 0.001"
+        ),
+        "MODEL.EQLV2.GAMMA": number(0.0, hint="the paper uses 12"),
+        "MODEL.EQLV2.MU": number(0.0, hint="the paper uses 0.8"),
+        "MODEL.EQLV2.ALPHA": number(0.0, hint="the paper uses 4"),
+        "MODEL.EQLV2.LOSS_WEIGHT": weight,
+        "MODEL.EQLV2.PRIOR_PROB": number(
+            0.0, 1.0, low_open=True, high_open=True, hint="the official code uses 0.001"
+        ),
+        "MODEL.EQLV2.TEST_WITH_OBJ": boolean(),
+        "MODEL.EQLV2.SYNC_STATS": boolean(),
         "MODEL.FASA.ENABLED": boolean(),
         "MODEL.FASA.LOSS_WEIGHT": number(0.0, hint="the paper uses 0.1"),
         "MODEL.FASA.SAMPLES_PER_CLASS": integer(1),
@@ -147,6 +178,14 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.FASA.BANK_VARIANCE": one_of(VARIANCES),
         "MODEL.FASA.SYNC_BANK": boolean(),
         "MODEL.FASA.INIT_PROBS": one_of(INIT_PROBS),
+        "MODEL.FASA.AUGMENTATION": one_of(AUGMENTATIONS, hint="FASA's is gaussian"),
+        "MODEL.FASA.FEATURE_MEMORY": integer(1, hint="SMOTE needs >= 2; the default is 16"),
+        "MODEL.FASA.SMOTE_K": integer(1, hint="the supplement uses 5"),
+        "MODEL.FASA.MOEX_LAMBDA": number(
+            0.0, 1.0, low_open=True, hint="MoEx's ImageNet recipe uses 0.9"
+        ),
+        "MODEL.FASA.MOEX_PROB": number(0.0, 1.0, hint="the supplement uses 1.0"),
+        "MODEL.FASA.MOEX_EPS": number(0.0, low_open=True, hint="the supplement uses 1e-5"),
         "MODEL.FASA.ADAPT.ENABLED": boolean(),
         "MODEL.FASA.ADAPT.PERIOD": integer(
             1,
@@ -225,6 +264,12 @@ def check_settings(cfg) -> None:
         if not domain.accepts(value):
             hint = f" ({domain.hint})" if domain.hint else ""
             raise ConfigError(f"{key} is {value!r}; it must be {domain.text}{hint}.")
+    fasa = cfg.MODEL.FASA
+    if fasa.AUGMENTATION == "smote" and fasa.FEATURE_MEMORY < 2:
+        raise ConfigError(
+            f"MODEL.FASA.FEATURE_MEMORY is {fasa.FEATURE_MEMORY}; AUGMENTATION 'smote' needs at "
+            "least 2 stored features per class (a feature and a neighbour); use e.g. 16."
+        )
     lvis = cfg.TEST.LVIS
     if 0 < lvis.TOPK_PER_CLASS < lvis.FIXED_K:
         raise ConfigError(

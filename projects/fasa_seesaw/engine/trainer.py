@@ -25,6 +25,8 @@ from ..data.resumable import resumable_training_dataset
 from ..errors import ConfigError, user_message
 from ..evaluation import LongTailLVISEvaluator, PerCategoryAPEvaluator
 from ..evaluation.topk_inference import per_class_score_floor
+from ..modeling.dual_head import freeze_for_dual_head, non_dual_head_keys
+from ..modeling.tta import build_tta_model, tta_test_mapper
 from .checkpoint import CrashSafeCheckpointer, check_resume_files, final_iteration
 from .fasa_hook import FASAAdaptationHook
 from .grad_stats import build_grad_stats_hook
@@ -44,6 +46,13 @@ class Trainer(DefaultTrainer):
     def last_eval_results(self):
         """The results of the last evaluation during training (None if there was none)."""
         return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+            freeze_for_dual_head(model)
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -72,6 +81,20 @@ class Trainer(DefaultTrainer):
             with per_class_score_floor(model, evaluator.score_floor, cap):
                 results[name] = super().test(one, model, [evaluator])
         return results if len(results) != 1 else next(iter(results.values()))
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` with test-time augmentation (TEST.AUG); the results' top-level
+        keys get "_TTA" appended (bbox_TTA, segm_TTA; or <dataset>_TTA with several test sets),
+        and the files go to OUTPUT_DIR/inference_TTA/<dataset>."""
+        logger.info("Running inference with test-time augmentation ...")
+        tta = build_tta_model(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = _OriginalSizeTestLoader.test(cfg, tta, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in results.items())
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -121,6 +144,8 @@ class Trainer(DefaultTrainer):
                 len(shapes),
                 ", ".join(s[0] for s in shapes[:4]) + (", ..." if len(shapes) > 4 else ""),
             )
+        if not resumed and self.cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+            self._check_dual_head_start()
         if resumed and self.start_iter >= self.max_iter:
             self._complete_final_checkpoint()
         positions = getattr(self.data_loader, "data_positions", None)
@@ -128,6 +153,24 @@ class Trainer(DefaultTrainer):
             per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
             wide = getattr(self.data_loader, "data_wide", None)
             positions.resume_at_batch(self.start_iter, per_process, wide)
+
+    def _check_dual_head_start(self):
+        """The dual-head stage starts from a trained model: MODEL.WEIGHTS must fill every part
+        of it but the new classifiers."""
+        weights = self.cfg.MODEL.WEIGHTS
+        inc = self.checkpointer.incompatible
+        missing = non_dual_head_keys(inc.missing_keys) if inc is not None else []
+        shapes = [k for k, _, _ in inc.incorrect_shapes] if inc is not None else []
+        if weights and not missing and not shapes:
+            return
+        found = ", ".join((missing + shapes)[:4]) + (", ..." if len(missing + shapes) > 4 else "")
+        raise ConfigError(
+            "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED trains a second classifier on a trained model, "
+            f"but MODEL.WEIGHTS {weights!r} "
+            + (f"does not fill the model ({found})" if weights else "is empty")
+            + ". Set MODEL.WEIGHTS to the first stage's model_final.pth, trained with the same "
+            "config but DUAL_HEAD.ENABLED False."
+        )
 
     def _complete_final_checkpoint(self):
         """
@@ -184,6 +227,16 @@ class Trainer(DefaultTrainer):
             # Before the writer, which is the last hook.
             hooks.insert(len(hooks) - 1, ProgressHook(period, cfg.SOLVER.MAX_ITER))
         return hooks
+
+
+class _OriginalSizeTestLoader(Trainer):
+    """The trainer's test loop with images at their original size (test-time augmentation
+    resizes each of its scales from the original pixels)."""
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        prepare_on_main_process([dataset_name])
+        return build_detection_test_loader(cfg, dataset_name, mapper=tta_test_mapper(cfg))
 
 
 class _DropTraceback(logging.Filter):

@@ -197,12 +197,14 @@ def print_summary(results, stream=None):
     detectron2's results (one dict per task, or one such dict per test dataset)."""
     if not results:
         return
-    # DefaultTrainer.test flattens the dict when there is a single test dataset.
-    by_dataset = {"": results} if "bbox" in results or "segm" in results else results
+    # DefaultTrainer.test flattens the dict when there is a single test dataset; test-time
+    # augmentation adds bbox_TTA / segm_TTA (or <dataset>_TTA) beside the plain results.
+    tasks = ("bbox", "segm", "bbox_TTA", "segm_TTA")
+    by_dataset = {"": results} if any(t in results for t in tasks) else results
     keys = ("AP", "AP50", "AP75", "APr", "APc", "APf")
     lines = ["", "Summary (LVIS metrics, %):"]
     for name, res in by_dataset.items():
-        for task in ("bbox", "segm"):
+        for task in tasks:
             if task in res:
                 row = "  ".join(f"{k} {res[task].get(k, float('nan')):6.2f}" for k in keys)
                 lines.append(f"  {name + ' ' if name else ''}{task:4s}  {row}")

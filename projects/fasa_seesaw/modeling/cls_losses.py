@@ -11,7 +11,9 @@ by a function registered with ``@register_cls_loss(name)``, with this interface:
   e.g. class counts);
 - ``per_roi(scores, gt_classes) -> (R,)``: per-RoI loss that changes no state (FASA's virtual
   rows and validation pass use it; background rows may hold any value);
-- ``activation(scores) -> (R, C+1)``: test-time scores laid out like detectron2's softmax.
+- ``activation(scores) -> (R, C+1)``: test-time scores laid out like detectron2's softmax;
+- optionally ``init_classifier(layer)``: initialises the classifier the predictor built (e.g.
+  the sigmoid losses' prior-probability bias).
 """
 
 from typing import Callable, Dict
@@ -20,6 +22,8 @@ from torch import nn
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
 from ..errors import ConfigError
+from .eql_loss import EQLLoss
+from .eqlv2_loss import EQLv2Loss
 from .seesaw_loss import SeesawLoss
 
 __all__ = ["build_cls_loss", "cls_loss_names", "register_cls_loss", "resolve_cls_loss"]
@@ -58,6 +62,36 @@ def build_seesaw_loss(cfg, num_classes):
         loss_weight=s.LOSS_WEIGHT,
         objectness_loss_weight=s.OBJECTNESS_LOSS_WEIGHT,
         sync_counts=s.SYNC_COUNTS,
+    )
+
+
+@register_cls_loss("eql")
+def build_eql_loss(cfg, num_classes):
+    from ..data.counts import image_frequency_of
+
+    e = cfg.MODEL.EQL
+    names = tuple(cfg.DATASETS.TRAIN)
+    return EQLLoss(
+        num_classes,
+        lambda_=e.LAMBDA,
+        loss_weight=e.LOSS_WEIGHT,
+        prior_prob=e.PRIOR_PROB,
+        image_frequency=lambda: image_frequency_of(names, num_classes),
+    )
+
+
+@register_cls_loss("eqlv2")
+def build_eqlv2_loss(cfg, num_classes):
+    e = cfg.MODEL.EQLV2
+    return EQLv2Loss(
+        num_classes,
+        gamma=e.GAMMA,
+        mu=e.MU,
+        alpha=e.ALPHA,
+        loss_weight=e.LOSS_WEIGHT,
+        prior_prob=e.PRIOR_PROB,
+        test_with_obj=e.TEST_WITH_OBJ,
+        sync_stats=e.SYNC_STATS,
     )
 
 

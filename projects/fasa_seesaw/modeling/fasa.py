@@ -17,7 +17,15 @@ from detectron2.utils.events import get_event_storage
 
 from ..errors import ConfigError
 from .fasa_feature_bank import ClassFeatureBank
+from .fasa_feature_store import ClassFeatureStore
 from .fasa_sampling import initial_probabilities, sample_virtual_features
+from .feature_augment import (
+    VirtualRows,
+    check_augment_settings,
+    mixed_loss,
+    sample_moex,
+    sample_smote,
+)
 
 __all__ = ["FASA", "fasa_from_config"]
 
@@ -30,9 +38,15 @@ class FASA(nn.Module):
     ``loss_weight``, trains the classifier only (never box regression, masks, or a loss's class
     counts).
 
+    ``augmentation`` chooses how a drawn class's virtual feature is made: "gaussian" (FASA's),
+    "smote" or "moex" (:mod:`.feature_augment`, from a :class:`ClassFeatureStore` of the last
+    ``feature_memory`` real features per class, allocated only for them). The draw, the warm-up,
+    the adaptation, the classifier-only path and the loss weight are the same for all three.
+
     State (checkpointed): the bank (``bank.mean``, ``bank.var``, ``bank.count``), ``probs`` and
-    ``probs_initialized``. ``probs`` is set from the training set's instance counts on the first
-    training step, so a resumed run keeps its adapted values.
+    ``probs_initialized``; with SMOTE or MoEx the store (``store.features``, ``store.count``).
+    ``probs`` is set from the training set's instance counts on the first training step, so a
+    resumed run keeps its adapted values.
     """
 
     def __init__(
@@ -51,6 +65,12 @@ class FASA(nn.Module):
         init_probs: str = "inverse_frequency",
         instance_counts: Optional[Callable[[], Sequence[float]]] = None,
         epoch_iters: Optional[Callable[[], int]] = None,
+        augmentation: str = "gaussian",
+        feature_memory: int = 16,
+        smote_k: int = 5,
+        moex_lambda: float = 0.9,
+        moex_prob: float = 1.0,
+        moex_eps: float = 1e-5,
     ):
         """
         Args:
@@ -63,8 +83,23 @@ class FASA(nn.Module):
             init_probs: "inverse_frequency" (from ``instance_counts()``) or "uniform".
             instance_counts: returns the training set's per-class instance counts.
             epoch_iters: returns the iterations of one epoch (the default warm-up).
+            augmentation: "gaussian", "smote" or "moex".
+            feature_memory: real features stored per class (SMOTE and MoEx).
+            smote_k: SMOTE's neighbours.
+            moex_lambda, moex_prob, moex_eps: MoEx's label weight of the drawn class, probability
+                of exchanging, and the epsilon of its standard deviation.
         """
         super().__init__()
+        check_augment_settings(
+            augmentation, feature_memory, smote_k, moex_lambda, moex_prob, moex_eps
+        )
+        if augmentation == "moex" and feature_dim < 2:
+            raise ConfigError("MoEx needs features with >= 2 channels for their moments.")
+        self.augmentation = augmentation
+        self.smote_k = int(smote_k)
+        self.moex_lambda = float(moex_lambda)
+        self.moex_prob = float(moex_prob)
+        self.moex_eps = float(moex_eps)
         self.num_classes = num_classes
         self.loss_weight = float(loss_weight)
         self.samples_per_class = int(samples_per_class)
@@ -80,6 +115,11 @@ class FASA(nn.Module):
             momentum=bank_momentum,
             sync=sync_bank,
             variance=bank_variance,
+        )
+        self.store = (
+            ClassFeatureStore(num_classes, feature_dim, feature_memory, sync=sync_bank)
+            if augmentation != "gaussian"
+            else None
         )
         self.register_buffer("probs", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("probs_initialized", torch.zeros((), dtype=torch.bool))
@@ -134,10 +174,19 @@ class FASA(nn.Module):
         )
         self._collected = collected
         try:
-            with self.bank.paused():
+            with self.paused():
                 yield collected
         finally:
             self._collected = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside, neither the bank nor the store (if any) changes."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.bank.paused())
+            if self.store is not None:
+                stack.enter_context(self.store.paused())
+            yield self
 
     def collect(self, per_roi_loss: torch.Tensor, gt_classes: torch.Tensor) -> None:
         """Add one batch's per-RoI losses (background rows: any value, masked here)."""
@@ -166,28 +215,58 @@ class FASA(nn.Module):
                 self.initialize_probs()
             self._probs_ready = True
         self.bank.update(features, gt_classes)
+        if self.store is not None:
+            self.store.update(features, gt_classes)
         storage = get_event_storage()
         if storage.iter < self.warmup_iters:
             return features.sum() * 0.0
-        bank = self.bank
-        feats, labels, weight = sample_virtual_features(
-            bank.mean,
-            bank.var,
-            bank.seen,
-            self.probs,
-            self.samples_per_class,
-            clamp_min=0.0 if self.clamp_min_zero else None,
-        )
+        rows = self.virtual_rows()
+        feats, labels, weight = rows.features, rows.labels, rows.weight
         logits = classifier(feats.to(features.dtype))
-        per_row = per_roi_loss(logits, labels)
+        if rows.labels_b is None:
+            per_row = per_roi_loss(logits, labels)
+        else:
+            per_row = mixed_loss(per_roi_loss, logits, labels, rows.labels_b, rows.lam)
         loss = (per_row * weight).sum() / weight.sum().clamp(min=1.0)
         storage.put_scalar("fasa/num_virtual", weight.sum().item(), smoothing_hint=False)
         return loss * self.loss_weight
 
+    def virtual_rows(self) -> VirtualRows:
+        """This step's virtual features, labels and weights, from the bank or the store."""
+        k = self.samples_per_class
+        if self.augmentation == "gaussian":
+            bank = self.bank
+            feats, labels, weight = sample_virtual_features(
+                bank.mean,
+                bank.var,
+                bank.seen,
+                self.probs,
+                k,
+                clamp_min=0.0 if self.clamp_min_zero else None,
+            )
+            return VirtualRows(feats, labels, weight)
+        store = self.store
+        if self.augmentation == "smote":
+            rows = sample_smote(store.features, store.size, self.probs, k, self.smote_k)
+        else:
+            rows = sample_moex(
+                store.features,
+                store.size,
+                self.probs,
+                k,
+                lam=self.moex_lambda,
+                prob=self.moex_prob,
+                eps=self.moex_eps,
+            )
+        if self.clamp_min_zero:
+            rows = rows._replace(features=rows.features.clamp(min=0.0))
+        return rows
+
     def extra_repr(self):
         return (
             f"num_classes={self.num_classes}, loss_weight={self.loss_weight}, "
-            f"samples_per_class={self.samples_per_class}, warmup_iters={self._warmup_iters}"
+            f"samples_per_class={self.samples_per_class}, warmup_iters={self._warmup_iters}, "
+            f"augmentation={self.augmentation}"
         )
 
 
@@ -215,4 +294,10 @@ def fasa_from_config(cfg, feature_dim: int) -> Optional[FASA]:
         init_probs=c.INIT_PROBS,
         instance_counts=lambda: instance_counts_of(names, num_classes),
         epoch_iters=lambda: epoch_iterations(names, ims_per_batch, num_classes),
+        augmentation=c.AUGMENTATION,
+        feature_memory=c.FEATURE_MEMORY,
+        smote_k=c.SMOTE_K,
+        moex_lambda=c.MOEX_LAMBDA,
+        moex_prob=c.MOEX_PROB,
+        moex_eps=c.MOEX_EPS,
     )

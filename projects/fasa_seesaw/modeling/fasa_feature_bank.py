@@ -43,7 +43,22 @@ def check_bank_settings(mode: str, momentum: float, variance: str) -> None:
     check_range("MODEL.FASA.BANK_MOMENTUM", momentum, 0.0, 1.0, low_open=True)
 
 
-class ClassFeatureBank(nn.Module):
+class PausableStatistics(nn.Module):
+    """A module of running statistics whose ``update`` does nothing while ``frozen``."""
+
+    frozen = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside, :meth:`update` changes nothing (FASA's validation pass uses this)."""
+        frozen, self.frozen = self.frozen, True
+        try:
+            yield self
+        finally:
+            self.frozen = frozen
+
+
+class ClassFeatureBank(PausableStatistics):
     def __init__(
         self,
         num_classes: int,
@@ -79,15 +94,6 @@ class ClassFeatureBank(nn.Module):
     def _var(self, m2, n):
         """Variance from the sum of squared deviations m2 of n features; 0 where n <= ddof."""
         return m2 / (n - self._ddof()).clamp(min=1)
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Inside, :meth:`update` changes nothing (FASA's validation pass uses this)."""
-        frozen, self.frozen = self.frozen, True
-        try:
-            yield self
-        finally:
-            self.frozen = frozen
 
     def _batch_sums(self, features, labels):
         """Per-class n, sum; background (label == num_classes) goes to a dropped slot."""

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError, check_choice
+from .feature_augment import draw_classes
 
 __all__ = [
     "initial_probabilities",
@@ -68,26 +69,14 @@ def sample_virtual_features(
     Returns:
         features (N, D), labels (N,), weight (N,) float.
     """
-    C, D = mean.shape
+    D = mean.shape[1]
     k = samples_per_class
-    device = mean.device
-    if compact is None:
-        compact = device.type == "cpu"
-    u = torch.rand(C, device=device, generator=generator)
-    drawn = (u < probs.to(device=device, dtype=u.dtype)) & seen
-    if compact:
-        idx = drawn.nonzero().squeeze(1)
-        n = idx.numel()
-        noise = torch.randn(n, k, D, device=device, generator=generator, dtype=mean.dtype)
-        feats = mean[idx][:, None, :] + var[idx].clamp(min=0).sqrt()[:, None, :] * noise
-        labels = idx.repeat_interleave(k)
-        weight = torch.ones(n * k, device=device, dtype=mean.dtype)
-    else:
-        n = C
-        noise = torch.randn(C, k, D, device=device, generator=generator, dtype=mean.dtype)
-        feats = mean[:, None, :] + var.clamp(min=0).sqrt()[:, None, :] * noise
-        labels = torch.arange(C, device=device).repeat_interleave(k)
-        weight = drawn.to(mean.dtype).repeat_interleave(k)
+    idx, weight = draw_classes(probs, seen, mean.dtype, generator, compact)
+    n = idx.numel()
+    noise = torch.randn(n, k, D, device=mean.device, generator=generator, dtype=mean.dtype)
+    feats = mean[idx][:, None, :] + var[idx].clamp(min=0).sqrt()[:, None, :] * noise
+    labels = idx.repeat_interleave(k)
+    weight = weight.repeat_interleave(k)
     if clamp_min is not None:
         feats = feats.clamp(min=clamp_min)
     return feats.reshape(n * k, D), labels, weight

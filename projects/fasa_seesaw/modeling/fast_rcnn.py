@@ -38,6 +38,12 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
     - ``fasa``: FASA. The predictor hands it the classifier input of each training forward, the
       classifier and :meth:`per_roi_cls_loss`; it adds ``loss_fasa`` and, inside
       ``fasa.collect_val_losses()``, turns training forwards into a validation-loss collection.
+    - ``dual_head``: the dual-head classification stage (Seesaw supplement 4.2). A second
+      classifier ``dual_cls_score`` of the same kind, with its own loss module ``dual_cls_loss``
+      (None: detectron2's loss), beside the trained one; the class scores this predictor returns
+      are both classifiers' logits side by side. Training computes only the second classifier's
+      loss (``loss_cls_dual``; the rest of the model is frozen by
+      :func:`~.dual_head.freeze_for_dual_head`); inference averages the two classifiers' scores.
     - :meth:`register_scores_hook` and :meth:`score_floor` are the extension points for
       gradient statistics and top-K-per-class inference.
     """
@@ -54,6 +60,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         normed_classifier: bool = False,
         norm_temp: float = 20.0,
         fasa: Optional[FASA] = None,
+        dual_head: bool = False,
+        dual_cls_loss: Optional[nn.Module] = None,
         **kwargs,
     ):
         """
@@ -61,6 +69,9 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             cls_loss: classification-loss module; None keeps detectron2's loss.
             normed_classifier, norm_temp: cosine classifier and its temperature.
             fasa: a :class:`FASA` on this predictor's classifier input, or None.
+            dual_head: add the second classifier of the dual-head stage.
+            dual_cls_loss: its loss module (of the same kind as ``cls_loss``; None when
+                ``cls_loss`` is None).
             kwargs: as in :class:`FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
@@ -77,10 +88,27 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         if normed_classifier:
             self.cls_score = NormedLinear(in_features, num_logits, temperature=norm_temp)
         elif num_logits != self.cls_score.out_features:
-            self.cls_score = nn.Linear(in_features, num_logits)
-            nn.init.normal_(self.cls_score.weight, std=0.01)
-            nn.init.constant_(self.cls_score.bias, 0)
+            self.cls_score = _linear_classifier(in_features, num_logits)
+        if hasattr(cls_loss, "init_classifier"):
+            cls_loss.init_classifier(self.cls_score)  # e.g. a sigmoid loss's prior bias
         self.cls_loss = cls_loss
+        self.dual_cls_score: Optional[nn.Module] = None
+        self.dual_cls_loss = None
+        if dual_head:
+            if fasa is not None:
+                raise ConfigError(
+                    "The dual-head stage trains a second classifier on a frozen model; FASA "
+                    "cannot be part of it. Set MODEL.FASA.ENABLED False for that stage."
+                )
+            if (cls_loss is None) != (dual_cls_loss is None):
+                raise ConfigError("The dual head's loss must be of the same kind as the first.")
+            if normed_classifier:
+                self.dual_cls_score = NormedLinear(in_features, num_logits, temperature=norm_temp)
+            else:
+                self.dual_cls_score = _linear_classifier(in_features, num_logits)
+            if hasattr(dual_cls_loss, "init_classifier"):
+                dual_cls_loss.init_classifier(self.dual_cls_score)
+            self.dual_cls_loss = dual_cls_loss
         self.fasa = fasa
         self._fasa_input: Optional[torch.Tensor] = None
         self._scores_hooks: "OrderedDict[int, Callable]" = OrderedDict()
@@ -98,8 +126,22 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         ret["norm_temp"] = cfg.MODEL.ROI_BOX_HEAD.NORM_TEMP
         if cfg.MODEL.FASA.ENABLED:
             ret["fasa"] = fasa_from_config(cfg, _feature_dim(input_shape))
+        if cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED:
+            ret["dual_head"] = True
+            ret["dual_cls_loss"] = build_cls_loss(cfg, name)
         ret.update(kwargs)  # explicit arguments win over the config
         return ret
+
+    @property
+    def dual_head(self) -> bool:
+        return self.dual_cls_score is not None
+
+    def split_scores(self, scores):
+        """(first classifier's logits, second's or None) of this predictor's class scores."""
+        if not self.dual_head:
+            return scores, None
+        n = self.cls_score.out_features
+        return scores[:, :n], scores[:, n:]
 
     # ------------------------------------------------------------------ forward and losses
     def forward(self, x):
@@ -108,6 +150,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         if self.fasa is not None and self.training:
             self._fasa_input = x
         scores = self.cls_score(x)
+        if self.dual_cls_score is not None:  # (written out so TorchScript prunes it)
+            scores = torch.cat([scores, self.dual_cls_score(x)], dim=1)
         proposal_deltas = self.bbox_pred(x)
         return scores, proposal_deltas
 
@@ -119,6 +163,8 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             else torch.empty(0, dtype=torch.long, device=scores.device)
         )
         fasa_input, self._fasa_input = self._fasa_input, None
+        if self.dual_head:
+            return self._dual_head_losses(scores, proposal_deltas, proposals, gt_classes)
         if self.fasa is not None and self.fasa.collecting:
             # FASA's validation pass: changes no statistic and trains nothing.
             self.fasa.collect(self.per_roi_cls_loss(scores, gt_classes), gt_classes)
@@ -137,6 +183,17 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
                 fasa_input, gt_classes, self.cls_score, self.per_roi_cls_loss
             )
         return losses
+
+    def _dual_head_losses(self, scores, proposal_deltas, proposals, gt_classes):
+        # Only the second classifier trains; the first, box regression and FASA are frozen.
+        _, dual = self.split_scores(scores)
+        for hook in self._scores_hooks.values():
+            hook(dual, gt_classes)
+        if self.dual_cls_loss is None:
+            loss = super().losses((dual, proposal_deltas), proposals)["loss_cls"]
+            return {"loss_cls_dual": loss}  # (already weighted by loss_weight)
+        losses = self.dual_cls_loss(dual, gt_classes)
+        return {f"{k}_dual": v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def _box_reg_loss(self, proposals, proposal_deltas, gt_classes):
         if len(proposals):
@@ -179,15 +236,30 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
         # detectron2's loss scripts (a loss module such as SeesawLoss does not), and __len__
         # rather than len(), so it traces (as detectron2's patch_builtin_len makes detectron2's
         # own do).
+        # (The attribute checks below are written out so TorchScript prunes them.)
         scores, _ = predictions
         num_inst_per_image = [p.__len__() for p in proposals]
-        if self.cls_loss is not None:
-            probs = self.cls_loss.activation(scores)
-        elif self.use_sigmoid_ce:
-            probs = scores.sigmoid()
+        if self.dual_cls_score is not None:  # the dual-head stage: both classifiers' mean
+            n = self.cls_score.out_features
+            probs = (self._first_probs(scores[:, :n]) + self._dual_probs(scores[:, n:])) * 0.5
         else:
-            probs = F.softmax(scores, dim=-1)
+            probs = self._first_probs(scores)
         return probs.split(num_inst_per_image, dim=0)
+
+    def _first_probs(self, scores):
+        if self.cls_loss is not None:
+            return self.cls_loss.activation(scores)
+        return self._detectron2_probs(scores)
+
+    def _dual_probs(self, scores):
+        if self.dual_cls_loss is not None:
+            return self.dual_cls_loss.activation(scores)
+        return self._detectron2_probs(scores)
+
+    def _detectron2_probs(self, scores):
+        if self.use_sigmoid_ce:
+            return scores.sigmoid()
+        return F.softmax(scores, dim=-1)
 
     @contextlib.contextmanager
     def score_floor(self, floor_fn: Callable[[int], torch.Tensor], max_per_image: int = -1):
@@ -249,6 +321,14 @@ class LongTailFastRCNNOutputLayers(FastRCNNOutputLayers):
             elif rest.startswith("fasa_"):
                 state_dict[prefix + "fasa." + rest[len("fasa_") :]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _linear_classifier(in_features: int, num_logits: int) -> nn.Linear:
+    """detectron2's classifier layer (normal init, std 0.01; zero bias)."""
+    layer = nn.Linear(in_features, num_logits)
+    nn.init.normal_(layer.weight, std=0.01)
+    nn.init.constant_(layer.bias, 0)
+    return layer
 
 
 def _feature_dim(input_shape) -> int:

@@ -225,7 +225,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             stage_proposals = self._stage_proposals
         finally:
             self._stage_proposals = None
-        if self.per_stage_masks:
+        if self.per_stage_masks and self.mask_on:  # (off in the dual-head stage's training)
             losses.update(self._per_stage_mask_losses(features, stage_proposals))
         else:
             losses.update(self._forward_mask(features, proposals))
@@ -251,7 +251,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
         proposals = super()._match_and_label_boxes(proposals, stage, targets)
-        if not self.per_stage_masks:
+        if not (self.per_stage_masks and self.mask_on):
             return proposals
         # Every stage trains a mask head: its RoIs need the matched ground truth's masks too
         # (detectron2 labels later stages with classes and boxes only). The same matcher on
