@@ -64,8 +64,8 @@ class TestTTASmoke(unittest.TestCase):
                 check_config(cfg)
                 model = self.model(cfg)
                 C = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-                plain_in = first_images(cfg, build_mapper(cfg, False))
-                tta_in = first_images(cfg, tta_test_mapper(cfg))
+                plain_in = first_images(cfg, build_mapper(cfg, False), n=2)
+                tta_in = first_images(cfg, tta_test_mapper(cfg), n=2)
                 with torch.no_grad():
                     plain = model(plain_in)
                     tta = build_tta_model(cfg, model)(tta_in)
