@@ -63,7 +63,6 @@ from common import (
     stats_ms,
     sync,
     time_interleaved,
-    wait_until_quiet,
 )
 from fasa_common import (
     PAIRS,
@@ -75,6 +74,7 @@ from fasa_common import (
     make_batch,
     make_step,
     num_proposals,
+    time_variant_steps,
 )
 from fasa_seesaw.modeling.fasa_sampling import sample_virtual_features
 
@@ -242,31 +242,14 @@ def part_step(args, device, results):
         flush=True,
     )
     batch = make_batch(args, device, num_proposals(args))
-    models, steps, logs, opts = {}, {}, {}, {}
-    for name in VARIANTS:
-        cfg, model, opt = build_variant_for(name, args, device, batch)
-        models[name], opts[name] = model, opt
-        logs[name] = []
-        steps[name] = make_step(model, opt, batch, logs[name])
-    quiet = wait_until_quiet(args, "step")
-    tinfo = {}
-    with EventStorage(start_iter=10_000) as storage:
-        times = time_interleaved(
-            steps,
-            device,
-            args.warmup,
-            args.reps,
-            before_each=lambda r: torch.manual_seed(args.seed + 1000 + r),
-            guard=(args, "step"),
-            info=tinfo,
-        )
-        fg = storage.history("roi_head/num_fg_samples").values()
-        bg = storage.history("roi_head/num_bg_samples").values()
-        nvirt = (
-            storage.history("fasa/num_virtual").values()
-            if "fasa/num_virtual" in storage.histories()
-            else []
-        )
+    models, logs, times, tinfo, storage = time_variant_steps(args, device, VARIANTS, batch)
+    fg = storage.history("roi_head/num_fg_samples").values()
+    bg = storage.history("roi_head/num_bg_samples").values()
+    nvirt = (
+        storage.history("fasa/num_virtual").values()
+        if "fasa/num_virtual" in storage.histories()
+        else []
+    )
     res = {n: stats_ms(t) for n, t in times.items()}
     for n in res:
         res[n]["losses_last"] = logs[n][-1] if logs[n] else None
@@ -414,7 +397,7 @@ def part_step(args, device, results):
         )
     results["step"] = {
         "image_hw": [H, W],
-        "background": quiet,
+        "background": tinfo["background"],
         "other_processes_cores": step_foreign,
         "discarded_repetitions": tinfo["discarded_repetitions"],
         "results": res,

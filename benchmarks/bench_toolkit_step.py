@@ -36,17 +36,14 @@ import fasa_common  # (first: sets the data root before detectron2 is imported)
 import numpy as np
 import torch
 
-from detectron2.utils.events import EventStorage
-
-from common import device_name, report_foreign, stats_ms, time_interleaved, wait_until_quiet
+from common import device_name, report_foreign, stats_ms
 from fasa_common import (
     TOOLKIT_VARIANTS,
     Part,
-    build_variant_for,
     image_hw,
     make_batch,
-    make_step,
     num_proposals,
+    time_variant_steps,
 )
 
 BASE = "CE"
@@ -92,23 +89,7 @@ def run(args, device, results):
         flush=True,
     )
     batch = make_batch(args, device, num_proposals(args))
-    steps, logs = {}, {}
-    for name in args.variants:
-        _, model, opt = build_variant_for(name, args, device, batch)
-        logs[name] = []
-        steps[name] = make_step(model, opt, batch, logs[name])
-    wait_until_quiet(args, "step")
-    info = {}
-    with EventStorage(start_iter=10_000):
-        times = time_interleaved(
-            steps,
-            device,
-            args.warmup,
-            args.reps,
-            before_each=lambda r: torch.manual_seed(args.seed + 1000 + r),
-            guard=(args, "step"),
-            info=info,
-        )
+    _, logs, times, info, _ = time_variant_steps(args, device, args.variants, batch)
     report_foreign(info["other_processes_cores"], "the kept step repetitions")
     base = np.asarray(times[BASE])
     rows = {}

@@ -29,6 +29,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_optimizer  # noqa: E402
 from detectron2.structures import Boxes, Instances, PolygonMasks  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
 
 import fasa_seesaw  # noqa: E402,F401  (registers ROI heads and datasets)
 from common import (  # noqa: E402
@@ -38,6 +39,8 @@ from common import (  # noqa: E402
     init_device,
     lvis_image_counts,
     run_config,
+    time_interleaved,
+    wait_until_quiet,
     write_json,
 )
 from fasa_seesaw import add_fasa_seesaw_config  # noqa: E402
@@ -294,6 +297,33 @@ def make_step(model, optimizer, batch, log):
         return loss_dict
 
     return step
+
+
+def time_variant_steps(args, device, names, batch):
+    """
+    Build each variant and its training step on ``batch``, wait for a quiet machine, then time
+    the steps interleaved (torch seeded per repetition, busy repetitions repeated). Returns
+    (models, logs, times, info, storage): per-variant models, loss logs and step times (ms),
+    time_interleaved's info, and the EventStorage the steps logged to.
+    """
+    models, steps, logs = {}, {}, {}
+    for name in names:
+        _, model, opt = build_variant_for(name, args, device, batch)
+        models[name] = model
+        logs[name] = []
+        steps[name] = make_step(model, opt, batch, logs[name])
+    info = {"background": wait_until_quiet(args, "step")}
+    with EventStorage(start_iter=10_000) as storage:
+        times = time_interleaved(
+            steps,
+            device,
+            args.warmup,
+            args.reps,
+            before_each=lambda r: torch.manual_seed(args.seed + 1000 + r),
+            guard=(args, "step"),
+            info=info,
+        )
+    return models, logs, times, info, storage
 
 
 # --------------------------------------------------------------------------------------------
