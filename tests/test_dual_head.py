@@ -10,7 +10,6 @@ from torch.nn import functional as F
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from fasa_seesaw import ConfigError, add_fasa_seesaw_config
@@ -18,7 +17,7 @@ from fasa_seesaw.config import merge_config
 from fasa_seesaw.engine import Trainer, check_config
 from fasa_seesaw.modeling import LongTailFastRCNNOutputLayers, SeesawLoss, box_predictors
 from fasa_seesaw.modeling.dual_head import is_dual_head_key
-from fasa_seesaw.testing import toy_detection_batch
+from fasa_seesaw.testing import toy_detection_batch, toy_proposals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs/quickstart")
@@ -45,14 +44,6 @@ def predictor(seesaw: bool):
     )
 
 
-def proposals(n, gt_classes):
-    p = Instances((50, 50))
-    p.proposal_boxes = Boxes(torch.rand(n, 4) * 20 + torch.tensor([0, 0, 20, 20]))
-    p.gt_boxes = Boxes(p.proposal_boxes.tensor + 1)
-    p.gt_classes = gt_classes
-    return [p]
-
-
 class TestPredictor(unittest.TestCase):
     def test_scores_are_the_mean_of_both_classifiers(self):
         x = torch.randn(6, D)
@@ -77,7 +68,7 @@ class TestPredictor(unittest.TestCase):
             with self.subTest(seesaw=seesaw):
                 p = predictor(seesaw).train()
                 with EventStorage():
-                    losses = p.losses(p(x), proposals(6, gt))
+                    losses = p.losses(p(x), toy_proposals(gt.tolist()))
                 names = {"loss_cls_dual"} | ({"loss_cls_objectness_dual"} if seesaw else set())
                 self.assertEqual(set(losses), names)
                 sum(losses.values()).backward()
