@@ -204,6 +204,18 @@ class TestConfigs(unittest.TestCase):
             ("ce", "eqlv2"): {"MODEL.ROI_BOX_HEAD.CLS_LOSS": "eqlv2"},
             ("fasa", "fasa_smote"): {"MODEL.FASA.AUGMENTATION": "smote"},
             ("fasa", "fasa_moex"): {"MODEL.FASA.AUGMENTATION": "moex"},
+            # The second stage: the dual head, RFS (the `rfs` row's threshold), half the
+            # schedule, and weights from the `seesaw` run (set by the study, so none here).
+            ("seesaw", "seesaw_dual_head"): {
+                "MODEL.WEIGHTS": "",
+                "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED": True,
+                "DATALOADER.SAMPLER_TRAIN": "RepeatFactorTrainingSampler",
+                "DATALOADER.REPEAT_THRESHOLD": 0.1,
+                "SOLVER.WARMUP_ITERS": 50,
+                "SOLVER.MAX_ITER": 750,
+                "SOLVER.STEPS": (500, 688),
+                "SOLVER.CHECKPOINT_PERIOD": 250,
+            },
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):

@@ -353,6 +353,120 @@ class TestChangedSinceStart(unittest.TestCase):
         self.assertIn("the model code", ls.Study.changed_since_start(study, run))
 
 
+class TestSecondStages(unittest.TestCase):
+    """A second stage (seesaw_dual_head) starts from its first stage's model of the same seed:
+    the planner orders and waits, passes MODEL.WEIGHTS, and keys the record on the first stage.
+    train_net.py is replaced by a stand-in that writes a model and metrics, so the test runs the
+    study's own bookkeeping in seconds (the dual-head training itself: test_end_to_end)."""
+
+    def setUp(self):
+        self.ls = self.load_tool("longtail_study")
+        self._tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self._tmp.cleanup)
+        self.events, self.commands = [], {}
+        self.fail = set()
+        patches = {"execute": self.fake_execute, "prepare_weights": lambda study, runs: None}
+        for name, value in patches.items():
+            old = getattr(self.ls, name)
+            setattr(self.ls, name, value)
+            self.addCleanup(setattr, self.ls, name, old)
+
+    def fake_execute(self, run, action, progress, env=None):
+        import threading
+        import time
+
+        self.events.append(("start", run.label, threading.get_ident()))
+        cmd = run.command(action)
+        self.commands[run.label] = cmd
+        time.sleep(0.3)  # long enough for another worker to start meanwhile
+        rc = 1 if run.label in self.fail else 0
+        if rc == 0:
+            os.makedirs(run.dir, exist_ok=True)
+            open(os.path.join(run.dir, "model_final.pth"), "w").close()
+            for ds in run.study.eval_datasets:
+                folder = os.path.join(run.dir, "inference", ds)
+                os.makedirs(folder, exist_ok=True)
+                metrics = {
+                    t: dict.fromkeys(("AP", "APr", "APc", "APf"), 1.0) for t in ("bbox", "segm")
+                }
+                with open(os.path.join(folder, "lvis_metrics.json"), "w") as f:
+                    json.dump(metrics, f)
+        run.add_attempt(action, cmd, rc, wall_s=0.3)
+        self.events.append(("end", run.label, threading.get_ident()))
+        return rc
+
+    def study(self, out, *extra):
+        import contextlib
+        import io
+
+        argv = ["--out", out, "--spec", "smoke", "--iters", "6"] + list(extra)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            try:
+                rc = self.ls.run_study(self.ls.parse_args(argv))
+            except self.ls.StudyError as e:
+                rc = f"error: {e}"
+        return rc, buf.getvalue()
+
+    def order(self, kind, label):
+        return self.events.index(next(e for e in self.events if e[:2] == (kind, label)))
+
+    def test_first_stage_trains_first_and_keys_the_second(self):
+        out = os.path.join(self._tmp.name, "s")
+        # The second stage named first, two seeds, two jobs: both first stages run side by side,
+        # each second stage only after its own first stage ended.
+        rc, text = self.study(out, "--configs", "seesaw_dual_head", "seesaw", "--seeds", "0", "1",
+                              "--jobs", "2")  # fmt: skip
+        self.assertEqual(rc, 0, text)
+        for seed in (0, 1):
+            first, second = f"seesaw seed {seed}", f"seesaw_dual_head seed {seed}"
+            self.assertLess(self.order("end", first), self.order("start", second))
+            weights = self.commands[second][self.commands[second].index("MODEL.WEIGHTS") + 1]
+            self.assertEqual(weights, os.path.join(out, "runs", "seesaw", f"seed{seed}",
+                                                   "model_final.pth"))  # fmt: skip
+            records = os.path.join(out, "records")
+            with open(os.path.join(records, "seesaw", f"seed{seed}.json")) as f:
+                parent = json.load(f)
+            with open(os.path.join(records, "seesaw_dual_head", f"seed{seed}.json")) as f:
+                child = json.load(f)
+            self.assertEqual(child["key"]["starts_from"], parent["key"])
+            self.assertNotIn("starts_from", parent["key"])
+        # The two first stages overlapped (two workers), so no core waited for a second stage.
+        self.assertLess(self.order("start", "seesaw seed 1"), self.order("end", "seesaw seed 0"))
+        # Again: every record stands, nothing runs.
+        self.events.clear()
+        rc, text = self.study(out, "--configs", "seesaw_dual_head", "--seeds", "0", "1")
+        self.assertEqual(rc, 0, text)
+        self.assertEqual(self.events, [])
+        # A first stage trained again (another config sha1 in its key) makes its second stale.
+        with open(os.path.join(out, "records", "seesaw", "seed0.json")) as f:
+            rec = json.load(f)
+        rec["key"]["config_sha1"] = "0" * 40
+        with open(os.path.join(out, "records", "seesaw", "seed0.json"), "w") as f:
+            json.dump(rec, f)
+        rc, text = self.study(out, "--configs", "seesaw_dual_head", "--seeds", "0", "--dry-run")
+        self.assertEqual(rc, 0, text)
+        self.assertIn("[restart] seesaw_dual_head seed 0", text)
+
+    def test_failed_first_stage_stops_its_second(self):
+        out = os.path.join(self._tmp.name, "f")
+        self.fail.add("seesaw seed 0")
+        rc, text = self.study(out, "--configs", "seesaw", "seesaw_dual_head", "--seeds", "0", "1",
+                              "--jobs", "2")  # fmt: skip
+        self.assertEqual(rc, 1)
+        self.assertIn("not starting seesaw_dual_head seed 0: seesaw seed 0 did not finish", text)
+        started = [e[1] for e in self.events if e[0] == "start"]
+        self.assertNotIn("seesaw_dual_head seed 0", started)
+        self.assertIn("seesaw_dual_head seed 1", started)
+
+    def test_second_stage_without_its_first_is_one_line(self):
+        out = os.path.join(self._tmp.name, "e")
+        rc, text = self.study(out, "--configs", "seesaw_dual_head", "--seeds", "0")
+        self.assertIn("seesaw_dual_head seed 0 starts from the trained seesaw seed 0", str(rc))
+        self.assertIn("add seesaw to --configs", str(rc))
+        self.assertEqual(self.events, [])
+
+
 class TestDifferences(unittest.TestCase):
     """The table's differences to the baseline, on hand-made summaries."""
 

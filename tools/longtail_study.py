@@ -23,6 +23,11 @@ Each run trains into <out>/runs/<config>/seed<k>/ and is evaluated there by trai
     `--split test` table reuses the models trained for the val table;
   - a run stopped after a checkpoint continues with train_net.py --resume (exact resume);
   - a run stopped before any checkpoint is moved aside to seed<k>.failed-<n> and started afresh.
+A second stage (seesaw_dual_head: the dual-head classifier) starts from its first stage's run of
+the same seed in the same --out (MODEL.WEIGHTS = <out>/runs/seesaw/seed<k>/model_final.pth):
+with both in --configs the first trains first (with --jobs, the second waits for it); alone, the
+first stage's trained folder and record must be there. Its record's key holds the first stage's
+key, so a first stage trained again makes the second stale.
 The three files are views of the run folders: they are rewritten after every run, for the
 evaluation dataset of the current command.
 """
@@ -81,8 +86,13 @@ MATRIX = OrderedDict(
         ("eqlv2", "mask_rcnn_R_18_FPN_eqlv2_study.yaml"),
         ("fasa_smote", "mask_rcnn_R_18_FPN_fasa_smote_study.yaml"),
         ("fasa_moex", "mask_rcnn_R_18_FPN_fasa_moex_study.yaml"),
+        ("seesaw_dual_head", "mask_rcnn_R_18_FPN_seesaw_dual_head_study.yaml"),
     ]
 )
+# Second stages: config -> the config whose run of the same seed, in the same --out, it starts
+# from (MODEL.WEIGHTS). With both in --configs the first stage trains first; with the second
+# stage alone, the first stage's trained folder and its record must be there already.
+STARTS_FROM = {"seesaw_dual_head": "seesaw"}
 # Names for parts of it, usable in --configs.
 GROUPS = OrderedDict(
     [
@@ -213,8 +223,12 @@ def parse_args(argv=None):
             f"unknown config {unknown[0]!r}; choose from: {', '.join(MATRIX)} or a group "
             f"({', '.join(GROUPS)})"
         )
-    names = [n for c in args.configs for n in GROUPS.get(c, [c])]
-    args.configs = list(OrderedDict.fromkeys(names))
+    names = list(OrderedDict.fromkeys(n for c in args.configs for n in GROUPS.get(c, [c])))
+    for child, parent in STARTS_FROM.items():  # a first stage trains before its second
+        if child in names and parent in names[names.index(child) :]:
+            names.remove(child)
+            names.insert(names.index(parent) + 1, child)
+    args.configs = names
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise StudyError(f"--max-minutes must be > 0; got {args.max_minutes}")
     args.seeds = list(OrderedDict.fromkeys(args.seeds))
@@ -362,7 +376,9 @@ class Study:
         self.jobs = args.jobs
         self.order = list(MATRIX)
         self.command_line = shlex.join(["python", "tools/longtail_study.py"] + sys.argv[1:])
-        self.config_files = {name: os.path.join(CONFIG_DIR, MATRIX[name]) for name in self.configs}
+        # The configs and the first stages they start from.
+        names = self.configs + [STARTS_FROM[n] for n in self.configs if n in STARTS_FROM]
+        self.config_files = {name: os.path.join(CONFIG_DIR, MATRIX[name]) for name in names}
         self.config_sha1 = {n: config_sha1(f) for n, f in self.config_files.items()}
         self.schedule = {
             name: (
@@ -383,6 +399,29 @@ class Study:
         self.commit_records = args.commit_records
         # Seed-major: a study stopped part-way has whole seeds of the matrix.
         self.runs = [Run(self, name, seed) for seed in self.seeds for name in self.configs]
+        self.link_stages()
+
+    def link_stages(self):
+        """Gives each second-stage run its parent and the parent's key: the key of this
+        command's run of the parent config, or, without one, of the parent's record."""
+        runs = {(r.name, r.seed): r for r in self.runs}
+        for run in self.runs:
+            if run.name not in STARTS_FROM:
+                continue
+            name = STARTS_FROM[run.name]
+            parent = runs.get((name, run.seed)) or Run(self, name, run.seed)
+            run.parent = parent
+            if (name, run.seed) in runs:
+                run.starts_from = parent.key()
+                continue
+            rec, problem = run.recorded_parent()
+            if rec is None:
+                raise StudyError(
+                    f"{run.label} starts from the trained {parent.label} of this --out, and "
+                    f"{problem}; add {name} to --configs (it trains first), or use the --out "
+                    "that holds it"
+                )
+            run.starts_from = rec["key"]
 
     def settings(self):
         """What makes a trained model besides config, seed, code and data."""
@@ -442,7 +481,7 @@ def prepare_weights(study, runs):
     from fasa_seesaw.pretrain import PretrainError, ensure_pretrained, recipe_from_url
 
     opts = dict(zip(study.opts[::2], study.opts[1::2]))
-    for name in OrderedDict.fromkeys(run.name for run in runs):
+    for name in OrderedDict.fromkeys(run.name for run in runs if run.parent is None):
         weights = opts.get("MODEL.WEIGHTS") or load_config(study.config_files[name]).MODEL.WEIGHTS
         try:
             recipe = recipe_from_url(weights)
@@ -489,6 +528,9 @@ def run_study(args):
         if action == "record":  # evaluated earlier: only the record is missing
             study.save_result(run)
     todo = [(run, action) for run, action in plan if action not in ("skip", "record")]
+    if args.jobs > 1:
+        # Second stages last: a worker waiting for a first stage would leave a core idle.
+        todo.sort(key=lambda item: item[0].parent is not None)
     done = total - len(todo)
     if done:
         print(f"[study] skipping {done} finished runs (records with metrics for {evaluate})")
@@ -514,8 +556,28 @@ def run_study(args):
         print(f"[study] {args.jobs} runs at a time, {env['OMP_NUM_THREADS']} thread(s) each")
     state = {"done": done, "started": 0}
     lock = threading.Lock()
+    # Each run's outcome in this command, so a second stage waits for its first (--jobs > 1)
+    # and does not start after it failed or was not started.
+    ended = {run.label: threading.Event() for run, _ in todo}
+    outcome = {}
 
     def one(run, action):
+        try:
+            outcome[run.label] = one_run(run, action)
+        finally:
+            ended[run.label].set()
+
+    def one_run(run, action):
+        parent = run.parent.label if run.parent is not None else None
+        if parent in ended:
+            # Short waits, so the pool's shutdown on Ctrl-C is not held up.
+            while not ended[parent].wait(timeout=1.0):
+                pass
+            if outcome.get(parent) != "ok":
+                with lock:
+                    print(f"[study] not starting {run.label}: {parent} did not finish")
+                    (failed if outcome.get(parent) == "failed" else stopped).append(run.label)
+                return outcome.get(parent)
         with lock:
             changed = study.changed_since_start(run)
             if changed:
@@ -525,12 +587,12 @@ def run_study(args):
                     "run the command again"
                 )
                 stopped.append(run.label)
-                return
+                return "stopped"
             if args.max_minutes is not None and action != "evaluate":
                 expected = np.mean(durations) if durations else 0.0
                 if (time.perf_counter() - start_time + expected) / 60 > args.max_minutes:
                     stopped.append(run.label)
-                    return
+                    return "stopped"
             left = len(todo) - state["started"]
             state["started"] += 1
             rounds = math.ceil(left / args.jobs)
@@ -548,7 +610,7 @@ def run_study(args):
                 rc = 1
             if rc != 0:
                 failed.append(run.label)
-                return
+                return "failed"
             elapsed = time.perf_counter() - start
             if action != "evaluate":
                 durations.append(sum(run.wall_times()))
@@ -562,6 +624,7 @@ def run_study(args):
             )
             print(f"[study] finished {run.label} in {_duration(elapsed)}: {summary}")
             write_outputs(study)
+        return "ok"
 
     if args.jobs == 1:
         for run, action in todo:

@@ -7,6 +7,7 @@ train_net.py subprocess that trains or evaluates it.
 
 import datetime
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -31,6 +32,37 @@ class Run:
         self.dir = os.path.join(study.out, "runs", name, f"seed{seed}")
         self.record_file = os.path.join(self.dir, "study_run.json")  # attempts (local)
         self.result_file = record_path(study.records_dir, name, seed)  # the record (committed)
+        # A second stage (longtail_study.STARTS_FROM): the run whose model it starts from, and
+        # that run's key, set by the study when it plans.
+        self.parent, self.starts_from = None, None
+
+    @property
+    def starts_from_digest(self):
+        """A short digest of the parent's key (None for a run that starts from a backbone)."""
+        if self.starts_from is None:
+            return None
+        text = json.dumps(self.starts_from, sort_keys=True)
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+    def recorded_parent(self):
+        """(record, problem): the parent's record if it stands for the model in the parent's
+        folder (same --out, model_final.pth there, the study's data and settings), else a
+        sentence saying what is missing."""
+        p = self.parent
+        model = os.path.join(p.dir, "model_final.pth")
+        rec = read_record(p.result_file)
+        if not os.path.isfile(model) or rec is None or rec.get("version") != RECORD_VERSION:
+            return None, f"{model} and its record {p.result_file} are needed"
+        command = rec.get("command", [])
+        out_dirs = [b for a, b in zip(command, command[1:]) if a == "OUTPUT_DIR"]
+        if out_dirs[-1:] != [p.dir]:
+            return None, f"its record {p.result_file} is of another folder ({out_dirs[-1:]})"
+        key = rec["key"]
+        study_key = json.loads(json.dumps(p.key()))
+        for field in ("train_dataset", "settings"):
+            if key.get(field) != study_key[field]:
+                return None, f"it was trained with other {field.replace('_', ' ')}"
+        return rec, ""
 
     @property
     def label(self):
@@ -45,6 +77,7 @@ class Run:
             code_commit=self.study.code_commit,
             train_dataset=self.study.train_identity,
             settings=self.study.settings(),
+            **({} if self.starts_from is None else {"starts_from": self.starts_from}),
         )
 
     def result(self):
@@ -65,11 +98,11 @@ class Run:
         return max(found, key=os.path.getmtime) if found else None
 
     def trained_key(self):
-        """(model-code commit, config sha1) of the folder's training attempts; None without any
-        attempt, "mixed" if they differ. Attempts written before these were recorded give
-        (None, None), which never matches: such a folder is stale."""
+        """(model-code commit, config sha1, parent digest) of the folder's training attempts;
+        None without any attempt, "mixed" if they differ. Attempts written before the first two
+        were recorded give (None, None, None), which never matches: such a folder is stale."""
         keys = {
-            (a.get("code_commit"), a.get("config_sha1"))
+            (a.get("code_commit"), a.get("config_sha1"), a.get("starts_from"))
             for a in self.attempts()["attempts"]
             if a["action"] in ("train", "resume", "restart")
         }
@@ -82,7 +115,11 @@ class Run:
             return "skip"
         local = os.path.isdir(self.dir) and os.listdir(self.dir)
         trained = self.trained_key()
-        current = (self.study.code_commit, self.study.config_sha1[self.name])
+        current = (
+            self.study.code_commit,
+            self.study.config_sha1[self.name],
+            self.starts_from_digest,
+        )
         if local and trained is not None and trained != current:
             return "restart"  # trained with other model code or config: stale
         if all(self.metrics_file(ds) for ds in self.study.eval_datasets):
@@ -112,6 +149,8 @@ class Run:
             extra = ["MODEL.WEIGHTS", os.path.join(self.dir, "model_final.pth")]
         elif action == "resume":
             cmd.append("--resume")
+        if action != "evaluate" and self.parent is not None:
+            extra = ["MODEL.WEIGHTS", os.path.join(self.parent.dir, "model_final.pth")]
         opts = ["SEED", str(self.seed), "OUTPUT_DIR", out] + data + s.schedule[self.name]
         return cmd + opts + s.opts + extra
 
@@ -122,7 +161,16 @@ class Run:
         except (OSError, ValueError):
             return {"config": self.name, "seed": self.seed, "attempts": []}
 
-    def add_attempt(self, attempt):
+    def add_attempt(self, action, command, returncode, **timing):
+        """Appends one train_net.py attempt, with what it was trained or evaluated with."""
+        attempt = OrderedDict(
+            action=action,
+            eval_datasets=list(self.study.eval_datasets),
+            code_commit=self.study.code_commit,
+            config_sha1=self.study.config_sha1[self.name],
+            starts_from=self.starts_from_digest,
+        )
+        attempt.update(timing, returncode=returncode, command=command)
         rec = self.attempts()
         rec["attempts"].append(attempt)
         os.makedirs(self.dir, exist_ok=True)
@@ -266,17 +314,12 @@ def execute(run, action, progress, env=None):
             with _LIVE_LOCK:
                 _LIVE.discard(proc)
             run.add_attempt(
-                {
-                    "action": action,
-                    "eval_datasets": list(run.study.eval_datasets),
-                    "code_commit": run.study.code_commit,
-                    "config_sha1": run.study.config_sha1[run.name],
-                    "started": started,
-                    "wall_s": round(time.perf_counter() - start, 2),
-                    "returncode": rc,
-                    "threads": (env or os.environ).get("OMP_NUM_THREADS"),
-                    "command": cmd,
-                }
+                action,
+                cmd,
+                rc,
+                started=started,
+                wall_s=round(time.perf_counter() - start, 2),
+                threads=(env or os.environ).get("OMP_NUM_THREADS"),
             )
     if rc != 0:
         with open(log_path, encoding="utf-8", errors="replace") as f:
