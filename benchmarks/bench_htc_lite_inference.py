@@ -36,12 +36,12 @@ import fasa_common  # (first: sets the data root before detectron2 is imported)
 import numpy as np
 import torch
 
-from common import device_name, report_foreign, stats_ms, time_interleaved, wait_until_quiet
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
-from fasa_common import LVIS_DIR, Part, image_hw, make_batch
 
+from common import device_name, report_foreign, stats_ms, time_interleaved, wait_until_quiet
+from fasa_common import LVIS_DIR, Part, image_hw, make_batch
 from fasa_seesaw import add_fasa_seesaw_config
 
 BASE = "HTC-Lite"

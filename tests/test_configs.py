@@ -180,6 +180,10 @@ class TestConfigs(unittest.TestCase):
             return out
 
         study = os.path.join(ROOT, "configs", "study")
+        files = {
+            "cascade_seesaw": "cascade_mask_rcnn_R_18_FPN_seesaw_study.yaml",
+            "htc_lite_seesaw": "htc_lite_R_18_FPN_seesaw_study.yaml",
+        }
         cases = {
             ("fasa", "fasa_uniform"): {"MODEL.FASA.INIT_PROBS": "uniform"},
             ("fasa", "fasa_metric"): {"MODEL.FASA.ADAPT.SIGNAL": "metric"},
@@ -216,11 +220,28 @@ class TestConfigs(unittest.TestCase):
                 "SOLVER.STEPS": (500, 688),
                 "SOLVER.CHECKPOINT_PERIOD": 250,
             },
+            # HTC-Lite against the cascade, the cascade against Mask R-CNN.
+            ("seesaw", "cascade_seesaw"): {
+                "MODEL.ROI_HEADS.NAME": "LongTailCascadeROIHeads",
+                "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": True,
+            },
+            ("cascade_seesaw", "htc_lite_seesaw"): {
+                "MODEL.META_ARCHITECTURE": "GlobalContextRCNN",
+                "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": "last",
+                "MODEL.GLOBAL_CONTEXT.ENABLED": True,
+                "MODEL.GLOBAL_CONTEXT.CONV_DIM": 64,
+            },
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):
-                a = flat(load(os.path.join(study, f"mask_rcnn_R_18_FPN_{base}_study.yaml")))
-                b = flat(load(os.path.join(study, f"mask_rcnn_R_18_FPN_{name}_study.yaml")))
+                a, b = (
+                    flat(
+                        load(
+                            os.path.join(study, files.get(n, f"mask_rcnn_R_18_FPN_{n}_study.yaml"))
+                        )
+                    )
+                    for n in (base, name)
+                )
                 diff = {k: b[k] for k in a if a[k] != b[k] and k != "OUTPUT_DIR"}
                 if name.endswith("_heldout"):  # the carve FASA configs use
                     self.assertEqual(b["MODEL.FASA.ADAPT.HELDOUT_FRACTION"], 0.05)

@@ -136,11 +136,12 @@ class TestModel(unittest.TestCase):
         heads = self.model.roi_heads
         keys = [k for k in self.model.state_dict() if ".mask_head." in k]
         self.assertTrue(keys)
-        self.assertTrue(all(k.startswith("roi_heads.mask_head.mask_fcn") or
-                            k.startswith("roi_heads.mask_head.deconv") or
-                            k.startswith("roi_heads.mask_head.predictor") for k in keys), keys)  # fmt: skip
+        layers = ("mask_fcn", "deconv", "predictor")  # one head's, not mask_head.<stage>.*
+        self.assertTrue(all(k.split(".")[2].startswith(layers) for k in keys), keys)
         self.assertNotIsInstance(heads.mask_head, torch.nn.ModuleList)
-        per_stage = Trainer.build_model(load(["MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", "per_stage"]))
+        per_stage = Trainer.build_model(
+            load(["MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", "per_stage"])
+        )
         n_last = sum(p.numel() for p in heads.mask_head.parameters())
         n_all = sum(p.numel() for p in per_stage.roi_heads.mask_head.parameters())
         self.assertEqual(n_all, 3 * n_last)
@@ -253,7 +254,7 @@ class TestSettings(unittest.TestCase):
             (["MODEL.GLOBAL_CONTEXT.LOSS_WEIGHT", "-1.0"], "LOSS_WEIGHT.*>= 0"),
             (["MODEL.GLOBAL_CONTEXT.TARGET", "all"], "TARGET"),
             (["MODEL.GLOBAL_CONTEXT.NUM_CONVS", "3"], "NUM_CONVS is 3: make it even"),
-            (["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"], "META_ARCHITECTURE 'GlobalContextRCNN'"),
+            (["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"], "ARCHITECTURE 'GlobalContextRCNN'"),
             (["MODEL.ROI_HEADS.NAME", "LongTailROIHeads"], "runs in the cascade ROI head"),
         ]  # fmt: skip
         for opts, message in cases:

@@ -20,7 +20,6 @@ the unlabelled categories are absent.
 """
 
 from typing import Dict, List, Optional, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +50,9 @@ class _ResidualBlock(nn.Module):
         self.conv1 = Conv2d(
             in_channels, channels, 3, padding=1, bias=bias, norm=get_norm(norm, channels)
         )
-        self.conv2 = Conv2d(channels, channels, 3, padding=1, bias=bias, norm=get_norm(norm, channels))
+        self.conv2 = Conv2d(
+            channels, channels, 3, padding=1, bias=bias, norm=get_norm(norm, channels)
+        )
         self.shortcut = (
             None
             if in_channels == channels
@@ -218,7 +219,8 @@ def image_negatives(batched_inputs, num_classes: int):
         if bad:
             raise ConfigError(
                 f"Training image {x.get('file_name', x.get('image_id'))!r} lists "
-                f"neg_category_ids {bad[:5]} outside 1..{num_classes} (MODEL.ROI_HEADS.NUM_CLASSES)."
+                f"neg_category_ids {bad[:5]} outside 1..{num_classes} "
+                "(MODEL.ROI_HEADS.NUM_CLASSES)."
             )
         out.append(ids)
     return out
