@@ -247,6 +247,50 @@ class TestModel(unittest.TestCase):
         torch.testing.assert_close(after.pred_masks, before.pred_masks)
 
 
+class TestWithTheRest(unittest.TestCase):
+    def test_fasa_normed_mask_and_mmdetection_conventions(self):
+        """HTC-Lite with FASA in every stage and the normed mask head, and with mmdetection's
+        cascade conventions (stage loss weights: the one mask loss is the last stage's, times
+        its weight; logits averaged): a training step gives every loss, finite, and the mask
+        loss reaches the encoder."""
+        cases = {
+            "FASA, normed mask": [
+                "MODEL.FASA.ENABLED", "True", "MODEL.FASA.WARMUP_ITERS", "0",
+                "MODEL.ROI_MASK_HEAD.NAME", "NormedMaskRCNNConvUpsampleHead",
+            ],
+            "mmdetection's cascade": [
+                "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "[1.0, 0.5, 0.25]",
+                "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE", "logits",
+            ],
+        }  # fmt: skip
+        for name, opts in cases.items():
+            with self.subTest(case=name):
+                cfg = load(opts)
+                check_config(cfg)
+                torch.manual_seed(0)
+                model = Trainer.build_model(cfg).train()
+                inputs = batch(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+                torch.manual_seed(1)  # the same RoI sampling in both cases
+                with EventStorage():
+                    losses = model(inputs)
+                self.assertTrue(all(torch.isfinite(v) for v in losses.values()), losses)
+                self.assertIn("loss_global_context", losses)
+                if cfg.MODEL.FASA.ENABLED:
+                    self.assertTrue(any("fasa" in k for k in losses), sorted(losses))
+                losses["loss_mask"].backward()
+                grad = model.roi_heads.global_context.convs[0].conv1.weight.grad
+                self.assertGreater(float(grad.abs().sum()), 0.0)
+                if not cfg.MODEL.FASA.ENABLED:
+                    # The same model and RoIs without the stage weights: the mask loss is 4x.
+                    cfg = load()
+                    torch.manual_seed(0)
+                    unweighted_model = Trainer.build_model(cfg).train()
+                    torch.manual_seed(1)
+                    with EventStorage():
+                        unweighted = unweighted_model(inputs)["loss_mask"]
+                    torch.testing.assert_close(losses["loss_mask"], 0.25 * unweighted.detach())
+
+
 class TestSettings(unittest.TestCase):
     def test_bad_settings_are_one_error_each(self):
         cases = [
