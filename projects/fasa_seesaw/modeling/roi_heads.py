@@ -244,7 +244,8 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             proposals, losses = self._forward(images, features, proposals, targets)
         finally:
             self._context = None
-        if self.training:
+        # (No loss for a frozen encoder, as in the dual-head stage.)
+        if self.training and any(p.requires_grad for p in self.global_context.parameters()):
             gt_classes = [t.gt_classes for t in targets]
             losses.update(self.global_context.losses(logits, gt_classes, self.image_negatives))
         return proposals, losses
