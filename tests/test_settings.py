@@ -35,7 +35,7 @@ CASES = {
     "MODEL.GLOBAL_CONTEXT.NUM_CONVS": ([-1, 2.0, NAN, True], [0, 4]),
     "MODEL.GLOBAL_CONTEXT.CONV_DIM": ([0, -256, 256.0], [1, 256]),
     "MODEL.GLOBAL_CONTEXT.RESIDUAL": (BOOL_BAD, [True, False]),
-    "MODEL.GLOBAL_CONTEXT.NORM": ([None, 1], ["", "GN", "SyncBN"]),
+    "MODEL.GLOBAL_CONTEXT.NORM": ([None, 1, "gn", "batchnorm"], ["", "GN", "SyncBN", "BN"]),
     "MODEL.GLOBAL_CONTEXT.LOSS_WEIGHT": ([-1.0, -0.01, NAN, INF], [0.0, 3.0]),
     "MODEL.GLOBAL_CONTEXT.TARGET": (["lvis", "Federated", ""], ["federated", "exhaustive"]),
     "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": (

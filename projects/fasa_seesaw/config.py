@@ -41,7 +41,8 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE = "probs"
     # "one" mask head trained on the first stage's RoIs, or "per_stage" (mmdetection): a head per
     # stage trained on that stage's RoIs, their mask probabilities averaged at test.
-    # "last" (HTC-Lite): one mask head, trained on the last stage's RoIs.
+    # "last" (HTC-Lite): one mask head, trained on the last stage's RoIs (with stage weights, its
+    # loss weighted by their sum, as mmdetection's SCNet).
     _C.MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS = "one"
     # [] adds the stages' losses and scales the pooled features' gradient by 1/stages; one weight
     # per stage multiplies its box and mask losses instead (mmdetection: [1.0, 0.5, 0.25]).
@@ -61,7 +62,8 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.GLOBAL_CONTEXT.NUM_CONVS = 4
     _C.MODEL.GLOBAL_CONTEXT.CONV_DIM = 256
     _C.MODEL.GLOBAL_CONTEXT.RESIDUAL = True
-    # Norm of the convolutions ("" = none, as mmdetection's; e.g. "GN", "SyncBN").
+    # Norm of the convolutions ("" = none, as mmdetection's; or detectron2's "BN", "SyncBN",
+    # "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "LN").
     _C.MODEL.GLOBAL_CONTEXT.NORM = ""
     _C.MODEL.GLOBAL_CONTEXT.LOSS_WEIGHT = 3.0
     # "federated" (LVIS): positives are the image's ground-truth categories, negatives its

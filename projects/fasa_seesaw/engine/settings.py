@@ -19,7 +19,7 @@ from ..modeling.cls_losses import cls_loss_names
 from ..modeling.fasa_feature_bank import _MODES, VARIANCES
 from ..modeling.fasa_sampling import GROUP_SIGNALS, INIT_PROBS
 from ..modeling.feature_augment import AUGMENTATIONS
-from ..modeling.global_context import CONTEXT_TARGETS
+from ..modeling.global_context import CONTEXT_NORMS, CONTEXT_TARGETS
 from ..modeling.nms_resampling import NMS_RESAMPLING_MODES
 from ..modeling.roi_heads import CASCADE_MASK_HEADS, SCORE_AVERAGES
 from .fasa_hook import CLUSTERING
@@ -146,7 +146,9 @@ def _settings() -> Dict[str, Domain]:
         "MODEL.GLOBAL_CONTEXT.NUM_CONVS": integer(0, hint="mmdetection's SCNet uses 4"),
         "MODEL.GLOBAL_CONTEXT.CONV_DIM": integer(1, hint="mmdetection's SCNet uses 256"),
         "MODEL.GLOBAL_CONTEXT.RESIDUAL": boolean(),
-        "MODEL.GLOBAL_CONTEXT.NORM": text(hint="mmdetection's SCNet uses none ('')"),
+        "MODEL.GLOBAL_CONTEXT.NORM": one_of(
+            CONTEXT_NORMS, hint="mmdetection's SCNet uses none ('')"
+        ),
         "MODEL.GLOBAL_CONTEXT.LOSS_WEIGHT": number(0.0, hint="mmdetection's SCNet uses 3.0"),
         "MODEL.GLOBAL_CONTEXT.TARGET": one_of(
             CONTEXT_TARGETS, hint="federated follows LVIS's labels"

@@ -13,7 +13,10 @@ conv, plus the input; no norm, convolutions with bias; PyTorch's default initial
 
 The targets follow LVIS's federated labels by default (``TARGET "federated"``): an image's
 ground-truth categories are positives, its ``neg_category_ids`` are negatives, and every other
-category is left out of the loss, whose mean runs over the labelled entries only. mmdetection's
+category is left out of the loss, whose mean runs over the labelled entries only (mmdetection's
+runs over all N x C entries, so the same loss weight weighs each labelled entry more here).
+The vector is pooled over the whole padded feature map, as mmdetection's: with images of
+different sizes in a batch, an image's vector depends on the padding. mmdetection's
 rule (``"exhaustive"``: every category without a box is a negative, mean over all entries) is
 right for exhaustively labelled data such as COCO, but on LVIS it would teach the encoder that
 the unlabelled categories are absent.
@@ -32,12 +35,25 @@ from ..errors import ConfigError
 __all__ = [
     "GlobalContextHead",
     "GlobalContextRCNN",
+    "CONTEXT_NORMS",
     "CONTEXT_TARGETS",
     "context_targets",
     "image_negatives",
 ]
 
 CONTEXT_TARGETS = ("federated", "exhaustive")
+# detectron2's get_norm names for 2D feature maps, and "" for none.
+CONTEXT_NORMS = (
+    "",
+    "BN",
+    "SyncBN",
+    "FrozenBN",
+    "GN",
+    "nnSyncBN",
+    "naiveSyncBN",
+    "naiveSyncBN_N",
+    "LN",
+)
 
 
 class _ResidualBlock(nn.Module):
@@ -115,8 +131,9 @@ class GlobalContextHead(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.constant_(self.fc.bias, 0.0)
-        # The paper adds the vector to the RoI features "through a projection if the dimensions
-        # differ"; with equal dimensions (mmdetection's 256 and 256) there is none.
+        # The vector is added to the RoI features; when its width differs from theirs, a linear
+        # projection (this project's choice) maps it; with equal widths (mmdetection's 256 and
+        # 256) there is none.
         self.project = None if channels == roi_channels else nn.Linear(channels, roi_channels)
 
     @classmethod
@@ -236,7 +253,12 @@ class GlobalContextRCNN(GeneralizedRCNN):
 
     def forward(self, batched_inputs):
         context = getattr(self.roi_heads, "global_context", None)
-        if not (self.training and context is not None and context.target == "federated"):
+        if not (
+            self.training
+            and context is not None
+            and context.target == "federated"
+            and any(p.requires_grad for p in context.parameters())  # (frozen: no loss)
+        ):
             return super().forward(batched_inputs)
         self.roi_heads.image_negatives = image_negatives(batched_inputs, context.num_classes)
         try:

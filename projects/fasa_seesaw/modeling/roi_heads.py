@@ -107,7 +107,8 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     - MASK_HEADS: "one" (detectron2) is a single mask head trained on the first stage's sampled
       RoIs; "per_stage" (mmdetection) gives every stage a mask head trained on that stage's RoIs,
       and at test the stages' mask probabilities on the final boxes are averaged; "last"
-      (HTC-Lite) is a single mask head trained on the last stage's RoIs.
+      (HTC-Lite) is a single mask head trained on the last stage's RoIs (with stage weights,
+      its loss is weighted by their sum, as in mmdetection's SCNet).
     - STAGE_LOSS_WEIGHTS: [] (detectron2) adds the stages' losses and scales the gradient into
       the pooled box features by 1/stages; a weight per stage (mmdetection: 1, 0.5, 0.25)
       multiplies that stage's box and mask losses, with no gradient scaling.
@@ -278,10 +279,12 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         if self.per_stage_masks and self.mask_on:  # (off in the dual-head stage's training)
             losses.update(self._per_stage_mask_losses(features, stage_proposals))
         elif self.last_stage_mask and self.mask_on:
-            # HTC-Lite: the one mask head learns from the last stage's RoIs (and its weight).
+            # HTC-Lite: the one mask head learns from the last stage's RoIs. With stage weights
+            # its loss takes their sum, as mmdetection's SCNet weights its one mask head's.
             last = self.num_cascade_stages - 1
             mask_losses = self._forward_mask(features, stage_proposals[last])
-            losses.update({k: v * self._stage_weight(last) for k, v in mask_losses.items()})
+            weight = sum(self.stage_loss_weights) if self.stage_loss_weights else 1.0
+            losses.update({k: v * weight for k, v in mask_losses.items()})
         else:
             losses.update(self._forward_mask(features, proposals))
         losses.update(self._forward_keypoint(features, proposals))
@@ -380,7 +383,9 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
 
     # ------------------------------------------------------------------ inference
     def _forward_mask(self, features, instances):
-        if self._context is not None and self.mask_on and not self.per_stage_masks:
+        if not self.mask_on:  # (also TTA's box pass, per-stage heads or not)
+            return {} if self.training else instances
+        if self._context is not None and not self.per_stage_masks:
             return self._context_mask(features, instances)
         if self.training or not self.per_stage_masks:
             return super()._forward_mask(features, instances)
