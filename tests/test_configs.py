@@ -40,7 +40,7 @@ def load(path, opts=()):
 
 
 def family(name):
-    """(cascade, loss, FASA, normed mask) that a shipped config's file name promises."""
+    """(cascade, loss, FASA, normed mask, HTC-Lite) that a shipped config's file name promises."""
     name = name.replace("_fasa_release", "")  # where the weights come from, not the method
     if "eqlv2" in name:
         loss = "eqlv2"
@@ -49,7 +49,8 @@ def family(name):
     else:
         loss = "seesaw" if "seesaw" in name else "softmax_ce"
     normed = "normed_mask" in name or "normedmask" in name
-    return ("cascade" in name, loss, "fasa" in name, normed)
+    htc = "htc_lite" in name or "htc-lite" in name  # a cascade with a context encoder
+    return ("cascade" in name or htc, loss, "fasa" in name, normed, htc)
 
 
 class TestConfigs(unittest.TestCase):
@@ -72,7 +73,7 @@ class TestConfigs(unittest.TestCase):
                     # Fragments with no method: Base-RCNN-FPN's detectron2 ROI head.
                     self.assertEqual(cfg.MODEL.ROI_HEADS.NAME, "StandardROIHeads")
                     continue
-                cascade, loss, fasa, normed_mask = family(name)
+                cascade, loss, fasa, normed_mask, htc = family(name)
                 self.assertEqual(
                     cfg.MODEL.ROI_HEADS.NAME,
                     "LongTailCascadeROIHeads" if cascade else "LongTailROIHeads",
@@ -89,6 +90,12 @@ class TestConfigs(unittest.TestCase):
                     cfg.TEST.AUG.ENABLED, name.endswith("_tta.yaml") or "_tta_" in name
                 )
                 self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED, "dual_head" in name)
+                self.assertEqual(cfg.MODEL.GLOBAL_CONTEXT.ENABLED, htc)
+                self.assertEqual(cfg.MODEL.META_ARCHITECTURE == "GlobalContextRCNN", htc)
+                if htc or not cascade:  # (cascades choose their mask heads)
+                    self.assertEqual(
+                        cfg.MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS, "last" if htc else "one"
+                    )
                 nr = "_nr_" in name  # NMS re-sampling
                 self.assertEqual(cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED, nr)
                 self.assertEqual(cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LongTailRPN", nr)
@@ -103,10 +110,10 @@ class TestConfigs(unittest.TestCase):
                 continue
             chosen.setdefault(family(name), path)
         # Mask R-CNN: CE, Seesaw, Seesaw + normed mask, FASA, FASA + Seesaw, EQL, EQLv2; Cascade:
-        # CE, Seesaw, Seesaw + normed mask, FASA, EQL, EQLv2.
-        self.assertEqual(len(chosen), 13)
+        # CE, Seesaw, Seesaw + normed mask, FASA, EQL, EQLv2; HTC-Lite: CE, Seesaw.
+        self.assertEqual(len(chosen), 15)
         torch.manual_seed(0)
-        for (cascade, loss, fasa, normed_mask), path in sorted(chosen.items()):
+        for (cascade, loss, fasa, normed_mask, htc), path in sorted(chosen.items()):
             with self.subTest(config=os.path.relpath(path, ROOT)):
                 cfg = load(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
                 model = build_model(cfg)
@@ -149,6 +156,7 @@ class TestConfigs(unittest.TestCase):
                         held = [getattr(p, module) for p in predictors]
                         if held[0] is not None:
                             self.assertEqual(len({id(m) for m in held}), 3, "one per stage")
+                self.assertEqual(getattr(heads, "global_context", None) is not None, htc)
                 mask_heads = heads.mask_head
                 if isinstance(mask_heads, torch.nn.ModuleList):  # a mask head per cascade stage
                     self.assertEqual(len(mask_heads), 3)
@@ -172,6 +180,10 @@ class TestConfigs(unittest.TestCase):
             return out
 
         study = os.path.join(ROOT, "configs", "study")
+        files = {
+            "cascade_seesaw": "cascade_mask_rcnn_R_18_FPN_seesaw_study.yaml",
+            "htc_lite_seesaw": "htc_lite_R_18_FPN_seesaw_study.yaml",
+        }
         cases = {
             ("fasa", "fasa_uniform"): {"MODEL.FASA.INIT_PROBS": "uniform"},
             ("fasa", "fasa_metric"): {"MODEL.FASA.ADAPT.SIGNAL": "metric"},
@@ -208,11 +220,28 @@ class TestConfigs(unittest.TestCase):
                 "SOLVER.STEPS": (500, 688),
                 "SOLVER.CHECKPOINT_PERIOD": 250,
             },
+            # HTC-Lite against the cascade, the cascade against Mask R-CNN.
+            ("seesaw", "cascade_seesaw"): {
+                "MODEL.ROI_HEADS.NAME": "LongTailCascadeROIHeads",
+                "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": True,
+            },
+            ("cascade_seesaw", "htc_lite_seesaw"): {
+                "MODEL.META_ARCHITECTURE": "GlobalContextRCNN",
+                "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": "last",
+                "MODEL.GLOBAL_CONTEXT.ENABLED": True,
+                "MODEL.GLOBAL_CONTEXT.CONV_DIM": 64,
+            },
         }
         for (base, name), expected in cases.items():
             with self.subTest(config=name):
-                a = flat(load(os.path.join(study, f"mask_rcnn_R_18_FPN_{base}_study.yaml")))
-                b = flat(load(os.path.join(study, f"mask_rcnn_R_18_FPN_{name}_study.yaml")))
+                a, b = (
+                    flat(
+                        load(
+                            os.path.join(study, files.get(n, f"mask_rcnn_R_18_FPN_{n}_study.yaml"))
+                        )
+                    )
+                    for n in (base, name)
+                )
                 diff = {k: b[k] for k in a if a[k] != b[k] and k != "OUTPUT_DIR"}
                 if name.endswith("_heldout"):  # the carve FASA configs use
                     self.assertEqual(b["MODEL.FASA.ADAPT.HELDOUT_FRACTION"], 0.05)

@@ -104,9 +104,10 @@ def load(config, opts=()):
 
 class TestModels(unittest.TestCase):
     def test_frozen_model_trains_only_the_new_classifiers(self):
-        """Mask R-CNN and a cascade (a new classifier per stage; per-stage mask heads): only the
-        new classifiers require gradients, BatchNorm is frozen, and a training step gives only
-        the second classifiers' losses (no box, mask or FASA loss from the ROI heads)."""
+        """Mask R-CNN, a cascade (a new classifier per stage; per-stage mask heads) and HTC-Lite:
+        only the new classifiers require gradients, BatchNorm is frozen, and a training step gives
+        only the second classifiers' losses (no box, mask, FASA or context loss from the ROI
+        heads)."""
         for config, opts, stages in (
             ("mask_rcnn_R_18_FPN_seesaw_quickstart.yaml", [], 1),
             (
@@ -114,6 +115,7 @@ class TestModels(unittest.TestCase):
                 ["MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", "per_stage"],
                 3,
             ),
+            ("htc_lite_R_18_FPN_seesaw_quickstart.yaml", [], 3),  # the context encoder frozen too
         ):
             with self.subTest(config=config):
                 cfg = load(config, opts)
@@ -130,8 +132,11 @@ class TestModels(unittest.TestCase):
                 self.assertTrue(any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()))
                 self.assertEqual(len(box_predictors(model)), stages)
                 model.train()
+                inputs = toy_detection_batch(n_images=2, size=96, seed=3)
+                for x in inputs:
+                    x["neg_category_ids"] = [1]
                 with EventStorage():
-                    losses = model(toy_detection_batch(n_images=2, size=96, seed=3))
+                    losses = model(inputs)
                 roi = {k for k in losses if not k.startswith("loss_rpn")}
                 suffixes = [""] if stages == 1 else [f"_stage{k}" for k in range(stages)]
                 expected = {

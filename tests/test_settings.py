@@ -26,7 +26,18 @@ CASES = {
     "MODEL.ROI_BOX_HEAD.DUAL_HEAD.ENABLED": (BOOL_BAD, [True, False]),
     "MODEL.ROI_MASK_HEAD.NORM_TEMP": ([0.0, -1.0, NAN], [20.0, 1.0]),
     "MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE": (["mean", "Logits"], ["probs", "logits"]),
-    "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": (["each", 3], ["one", "per_stage"]),
+    "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": (["each", 3, "first"], ["one", "per_stage", "last"]),
+    # HTC-Lite's context encoder: pyramid levels by name, at least one; a loss weight >= 0.
+    "MODEL.GLOBAL_CONTEXT.ENABLED": (BOOL_BAD, [True, False]),
+    "MODEL.GLOBAL_CONTEXT.IN_FEATURES": (
+        [[], "p6", ["p6", "p6"], [""], [6]], [["p6"], ["p5", "p6"], ("p6",)]
+    ),
+    "MODEL.GLOBAL_CONTEXT.NUM_CONVS": ([-1, 2.0, NAN, True], [0, 4]),
+    "MODEL.GLOBAL_CONTEXT.CONV_DIM": ([0, -256, 256.0], [1, 256]),
+    "MODEL.GLOBAL_CONTEXT.RESIDUAL": (BOOL_BAD, [True, False]),
+    "MODEL.GLOBAL_CONTEXT.NORM": ([None, 1, "gn", "batchnorm"], ["", "GN", "SyncBN", "BN"]),
+    "MODEL.GLOBAL_CONTEXT.LOSS_WEIGHT": ([-1.0, -0.01, NAN, INF], [0.0, 3.0]),
+    "MODEL.GLOBAL_CONTEXT.TARGET": (["lvis", "Federated", ""], ["federated", "exhaustive"]),
     "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": (
         [[-1.0, 0.5, 0.25], [NAN], 1.0, ["1"]], [[], [1.0, 0.5, 0.25], (1, 1, 1)]
     ),

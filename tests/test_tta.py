@@ -1,7 +1,8 @@
 # Copyright (c) fasa_seesaw contributors.
 """Test-time augmentation (TEST.AUG) on the smoke data: a Seesaw cascade (both cascade
-conventions), valid detections that differ from the plain run, the identity augmentation that
-reproduces it, the LVIS evaluation through the trainer, and the settings it refuses."""
+conventions, and HTC-Lite), valid detections that differ from the plain run, the identity
+augmentation that reproduces it, the LVIS evaluation through the trainer, and the settings it
+refuses."""
 
 import numpy as np
 import os
@@ -30,6 +31,13 @@ MMDET_CASCADE = [
     "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS",
     "per_stage",
 ]
+# HTC-Lite: the context encoder's vector in the box and mask features, also on given boxes.
+HTC_LITE = [
+    "MODEL.META_ARCHITECTURE", "GlobalContextRCNN",
+    "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", "last",
+    "MODEL.GLOBAL_CONTEXT.ENABLED", "True",
+    "MODEL.GLOBAL_CONTEXT.CONV_DIM", "64",
+]  # fmt: skip
 
 
 def load(opts=()):
@@ -92,7 +100,7 @@ class TestTTASmoke(unittest.TestCase):
     def test_identity_augmentation_reproduces_plain_run(self):
         """One augmentation at the test size without flip: detectron2's merge (class-wise NMS of
         the one set) and the mask pass on the merged boxes give the plain run's detections."""
-        for extra in ([], MMDET_CASCADE):
+        for extra in ([], MMDET_CASCADE, HTC_LITE):
             with self.subTest(cascade=extra or "detectron2"):
                 cfg = load(["TEST.AUG.MIN_SIZES", "(64,)", "TEST.AUG.MAX_SIZE", "64"] + extra)
                 cfg.TEST.AUG.FLIP = False

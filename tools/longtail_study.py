@@ -87,6 +87,8 @@ MATRIX = OrderedDict(
         ("fasa_smote", "mask_rcnn_R_18_FPN_fasa_smote_study.yaml"),
         ("fasa_moex", "mask_rcnn_R_18_FPN_fasa_moex_study.yaml"),
         ("seesaw_dual_head", "mask_rcnn_R_18_FPN_seesaw_dual_head_study.yaml"),
+        ("cascade_seesaw", "cascade_mask_rcnn_R_18_FPN_seesaw_study.yaml"),
+        ("htc_lite_seesaw", "htc_lite_R_18_FPN_seesaw_study.yaml"),
     ]
 )
 # Second stages: config -> the config whose run of the same seed, in the same --out, it starts
@@ -102,6 +104,7 @@ GROUPS = OrderedDict(
         ("diagnosis", ["fasa_static", "fasa_seesaw_static"]),
         ("interplay", ["fasa_seesaw_uniform", "fasa_seesaw_light"]),
         ("toolkit", ["nr", "fasa_nr", "eql", "eqlv2", "fasa_smote", "fasa_moex"]),
+        ("htc", ["cascade_seesaw", "htc_lite_seesaw"]),
         ("all", list(MATRIX)),
     ]
 )

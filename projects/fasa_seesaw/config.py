@@ -41,10 +41,36 @@ def add_fasa_seesaw_config(cfg):
     _C.MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE = "probs"
     # "one" mask head trained on the first stage's RoIs, or "per_stage" (mmdetection): a head per
     # stage trained on that stage's RoIs, their mask probabilities averaged at test.
+    # "last" (HTC-Lite): one mask head, trained on the last stage's RoIs (with stage weights, its
+    # loss weighted by their sum, as mmdetection's SCNet).
     _C.MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS = "one"
     # [] adds the stages' losses and scales the pooled features' gradient by 1/stages; one weight
     # per stage multiplies its box and mask losses instead (mmdetection: [1.0, 0.5, 0.25]).
     _C.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = []
+    # HTC-Lite's global context encoder (Seesaw supplement 4.1) in LongTailCascadeROIHeads: a
+    # vector per image from convolutions and global average pooling of a pyramid level, trained
+    # to predict the image's categories (binary cross-entropy) and added to every pooled RoI
+    # feature of the box and mask heads. Defaults: mmdetection's GlobalContextHead as SCNet
+    # configures it (the paper gives no values).
+    _C.MODEL.GLOBAL_CONTEXT = CN()
+    _C.MODEL.GLOBAL_CONTEXT.ENABLED = False
+    # Pyramid level(s) read; with several, the shared convs run on each and the vectors are
+    # averaged. mmdetection reads the coarsest (feats[-1], P6 of its 5-level FPN).
+    _C.MODEL.GLOBAL_CONTEXT.IN_FEATURES = ["p6"]
+    # 3x3 convolutions before the pooling; with RESIDUAL, grouped two by two into residual blocks
+    # (mmdetection's conv_to_res, SimplifiedBasicBlock).
+    _C.MODEL.GLOBAL_CONTEXT.NUM_CONVS = 4
+    _C.MODEL.GLOBAL_CONTEXT.CONV_DIM = 256
+    _C.MODEL.GLOBAL_CONTEXT.RESIDUAL = True
+    # Norm of the convolutions ("" = none, as mmdetection's; or detectron2's "BN", "SyncBN",
+    # "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "LN").
+    _C.MODEL.GLOBAL_CONTEXT.NORM = ""
+    _C.MODEL.GLOBAL_CONTEXT.LOSS_WEIGHT = 3.0
+    # "federated" (LVIS): positives are the image's ground-truth categories, negatives its
+    # neg_category_ids, the rest not in the loss (needs MODEL.META_ARCHITECTURE
+    # "GlobalContextRCNN"); "exhaustive" (mmdetection's, for COCO-like data): every category
+    # without a box is a negative.
+    _C.MODEL.GLOBAL_CONTEXT.TARGET = "federated"
     # Image resize of the data mappers: "pil" (detectron2's ResizeShortestEdge: PIL bilinear,
     # antialiased when shrinking) or "cv2" (mmdetection's Resize: OpenCV bilinear and mmcv's
     # size rule, which is one pixel off detectron2's for some shapes).

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
@@ -63,6 +64,7 @@ def check_model(cfg):
     ours = (LongTailROIHeads, LongTailCascadeROIHeads)
     if head not in ROI_HEADS_REGISTRY:
         raise ConfigError(f"MODEL.ROI_HEADS.NAME {head!r} is not a registered ROI head.")
+    check_global_context(cfg, ROI_HEADS_REGISTRY.get(head))
     if not issubclass(ROI_HEADS_REGISTRY.get(head), ours):
         extras = [
             key
@@ -96,6 +98,37 @@ def check_model(cfg):
             "FASA models the box head's last fully-connected feature, but "
             "MODEL.ROI_BOX_HEAD.NUM_FC is 0 (the head outputs a conv map). Set NUM_FC >= 1, "
             "or MODEL.FASA.ENABLED False."
+        )
+
+
+def check_global_context(cfg, head_class):
+    """HTC-Lite's context encoder lives in the cascade head and (federated targets) needs the
+    meta-architecture that hands it the images' negative categories."""
+    from ..modeling.global_context import GlobalContextRCNN
+    from ..modeling.roi_heads import LongTailCascadeROIHeads
+
+    c = cfg.MODEL.GLOBAL_CONTEXT
+    if not c.ENABLED:
+        return
+    if not issubclass(head_class, LongTailCascadeROIHeads):
+        raise ConfigError(
+            "MODEL.GLOBAL_CONTEXT.ENABLED (HTC-Lite's context encoder) runs in the cascade ROI "
+            f"head; MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME!r}. Set it to "
+            "'LongTailCascadeROIHeads' (or start from an htc_lite config)."
+        )
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if c.TARGET == "federated" and not (
+        arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), GlobalContextRCNN)
+    ):
+        raise ConfigError(
+            "MODEL.GLOBAL_CONTEXT.TARGET 'federated' needs each image's neg_category_ids, which "
+            f"{arch!r} does not pass to the ROI heads: set MODEL.META_ARCHITECTURE "
+            "'GlobalContextRCNN' (or TARGET 'exhaustive' for exhaustively labelled data)."
+        )
+    if c.RESIDUAL and c.NUM_CONVS % 2:
+        raise ConfigError(
+            f"MODEL.GLOBAL_CONTEXT.RESIDUAL groups the convolutions two by two, but NUM_CONVS is "
+            f"{c.NUM_CONVS}: make it even (mmdetection's SCNet: 4) or set RESIDUAL False."
         )
 
 

@@ -19,6 +19,7 @@ from ..modeling.cls_losses import cls_loss_names
 from ..modeling.fasa_feature_bank import _MODES, VARIANCES
 from ..modeling.fasa_sampling import GROUP_SIGNALS, INIT_PROBS
 from ..modeling.feature_augment import AUGMENTATIONS
+from ..modeling.global_context import CONTEXT_NORMS, CONTEXT_TARGETS
 from ..modeling.nms_resampling import NMS_RESAMPLING_MODES
 from ..modeling.roi_heads import CASCADE_MASK_HEADS, SCORE_AVERAGES
 from .fasa_hook import CLUSTERING
@@ -128,10 +129,29 @@ def _settings() -> Dict[str, Domain]:
             SCORE_AVERAGES, hint="mmdetection averages logits"
         ),
         "MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS": one_of(
-            CASCADE_MASK_HEADS, hint="mmdetection has one per stage"
+            CASCADE_MASK_HEADS, hint="mmdetection has one per stage; HTC-Lite only the last"
         ),
         "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": numbers(
             hint="one per stage; mmdetection uses [1.0, 0.5, 0.25]"
+        ),
+        "MODEL.GLOBAL_CONTEXT.ENABLED": boolean(),
+        "MODEL.GLOBAL_CONTEXT.IN_FEATURES": Domain(
+            "a non-empty list of distinct pyramid level names",
+            lambda v: isinstance(v, (list, tuple))
+            and len(v) > 0
+            and all(isinstance(x, str) and x for x in v)
+            and len(set(v)) == len(v),
+            "mmdetection reads the coarsest level, ['p6']",
+        ),
+        "MODEL.GLOBAL_CONTEXT.NUM_CONVS": integer(0, hint="mmdetection's SCNet uses 4"),
+        "MODEL.GLOBAL_CONTEXT.CONV_DIM": integer(1, hint="mmdetection's SCNet uses 256"),
+        "MODEL.GLOBAL_CONTEXT.RESIDUAL": boolean(),
+        "MODEL.GLOBAL_CONTEXT.NORM": one_of(
+            CONTEXT_NORMS, hint="mmdetection's SCNet uses none ('')"
+        ),
+        "MODEL.GLOBAL_CONTEXT.LOSS_WEIGHT": number(0.0, hint="mmdetection's SCNet uses 3.0"),
+        "MODEL.GLOBAL_CONTEXT.TARGET": one_of(
+            CONTEXT_TARGETS, hint="federated follows LVIS's labels"
         ),
         "INPUT.RESIZE_BACKEND": one_of(RESIZE_BACKENDS, hint="mmdetection resizes with cv2"),
         "MODEL.RPN.NMS_RESAMPLING.ENABLED": boolean(),

@@ -1,5 +1,5 @@
 # Copyright (c) fasa_seesaw contributors.
-from . import nms_resampling, normed_mask_head, roi_heads  # noqa: F401  (registration)
+from . import global_context, nms_resampling, normed_mask_head, roi_heads  # noqa: F401
 from .cls_losses import build_cls_loss, cls_loss_names, register_cls_loss, resolve_cls_loss
 from .eql_loss import EQLLoss
 from .eqlv2_loss import EQLv2Loss
@@ -12,6 +12,7 @@ from .fast_rcnn import (
     SeesawFastRCNNOutputLayers,
     box_predictors,
 )
+from .global_context import GlobalContextHead, GlobalContextRCNN
 from .nms_resampling import LongTailRPN
 from .normed_layers import NormedConv2d, NormedLinear
 from .normed_mask_head import NormedMaskRCNNConvUpsampleHead

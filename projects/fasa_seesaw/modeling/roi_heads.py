@@ -23,11 +23,13 @@ from detectron2.modeling.roi_heads import (
     build_mask_head,
     select_foreground_proposals,
 )
+from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.structures import Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from ..errors import ConfigError, check_choice
 from .fast_rcnn import LongTailFastRCNNOutputLayers, SeesawFastRCNNOutputLayers
+from .global_context import GlobalContextHead
 
 __all__ = [
     "LongTailROIHeads",
@@ -42,7 +44,7 @@ __all__ = [
 
 # How a cascade combines its stages' class scores at test, and how many mask heads it has.
 SCORE_AVERAGES = ("probs", "logits")
-CASCADE_MASK_HEADS = ("one", "per_stage")
+CASCADE_MASK_HEADS = ("one", "per_stage", "last")
 
 
 def _box_pooler(cfg, input_shape):
@@ -98,16 +100,22 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     RoIs at its own IoU threshold.
 
     Three switches (MODEL.ROI_BOX_CASCADE_HEAD) choose between detectron2's cascade and
-    mmdetection's Cascade Mask R-CNN, whose checkpoints the project converts:
+    mmdetection's Cascade Mask R-CNN, whose checkpoints the project converts, and HTC-Lite's:
 
     - SCORE_AVERAGE: "probs" (detectron2) averages the stages' probabilities; "logits"
       (mmdetection) averages the stages' logits, then applies the last predictor's activation.
     - MASK_HEADS: "one" (detectron2) is a single mask head trained on the first stage's sampled
       RoIs; "per_stage" (mmdetection) gives every stage a mask head trained on that stage's RoIs,
-      and at test the stages' mask probabilities on the final boxes are averaged.
+      and at test the stages' mask probabilities on the final boxes are averaged; "last"
+      (HTC-Lite) is a single mask head trained on the last stage's RoIs (with stage weights,
+      its loss is weighted by their sum, as in mmdetection's SCNet).
     - STAGE_LOSS_WEIGHTS: [] (detectron2) adds the stages' losses and scales the gradient into
       the pooled box features by 1/stages; a weight per stage (mmdetection: 1, 0.5, 0.25)
       multiplies that stage's box and mask losses, with no gradient scaling.
+
+    With MODEL.GLOBAL_CONTEXT.ENABLED (HTC-Lite) a :class:`GlobalContextHead` encodes each image
+    into one vector, added to every pooled RoI feature of the box heads and the mask head(s),
+    and trained by its own multi-label loss (``loss_global_context``).
     """
 
     default_cls_loss = "auto"
@@ -120,9 +128,20 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         score_average: str = "probs",
         mask_heads: str = "one",
         stage_loss_weights: Sequence[float] = (),
+        global_context: Optional[GlobalContextHead] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.global_context = global_context
+        # Per forward: the images' context vectors, and (GlobalContextRCNN, training) their
+        # verified-negative categories.
+        self._context: Optional[torch.Tensor] = None
+        self.image_negatives: Optional[list] = None
+        if global_context is not None and self.mask_on and self.mask_pooler is None:
+            raise ConfigError(
+                "MODEL.GLOBAL_CONTEXT adds the context to pooled RoI features, but the mask head "
+                "pools nothing (MODEL.ROI_MASK_HEAD.POOLER_TYPE is empty): set a pooler type."
+            )
         check_choice("MODEL.ROI_BOX_CASCADE_HEAD.SCORE_AVERAGE", score_average, SCORE_AVERAGES)
         check_choice("MODEL.ROI_BOX_CASCADE_HEAD.MASK_HEADS", mask_heads, CASCADE_MASK_HEADS)
         n = self.num_cascade_stages
@@ -134,6 +153,7 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             )
         self.score_average = score_average
         self.per_stage_masks = self.mask_on and mask_heads == "per_stage"
+        self.last_stage_mask = self.mask_on and mask_heads == "last"
         if self.per_stage_masks and (
             not isinstance(self.mask_head, nn.ModuleList) or len(self.mask_head) != n
         ):
@@ -152,6 +172,9 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         ret["score_average"] = c.SCORE_AVERAGE
         ret["mask_heads"] = c.MASK_HEADS
         ret["stage_loss_weights"] = list(c.STAGE_LOSS_WEIGHTS)
+        if cfg.MODEL.GLOBAL_CONTEXT.ENABLED:
+            roi_channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+            ret["global_context"] = GlobalContextHead.from_config(cfg, input_shape, roi_channels)
         return ret
 
     @classmethod
@@ -215,11 +238,39 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
 
     # ------------------------------------------------------------------ training
     def forward(self, images, features, proposals, targets=None):
-        if not (self.training and (self.per_stage_masks or self.stage_loss_weights)):
+        if self.global_context is None:
+            return self._forward(images, features, proposals, targets)
+        logits, self._context = self.global_context(features)
+        try:
+            proposals, losses = self._forward(images, features, proposals, targets)
+        finally:
+            self._context = None
+        # (No loss for a frozen encoder, as in the dual-head stage.)
+        if self.training and any(p.requires_grad for p in self.global_context.parameters()):
+            gt_classes = [t.gt_classes for t in targets]
+            losses.update(self.global_context.losses(logits, gt_classes, self.image_negatives))
+        return proposals, losses
+
+    def forward_with_given_boxes(self, features, instances):
+        # (Called directly by detectron2's TTA, without forward: the context is made here.)
+        if self.global_context is None or self._context is not None:
+            return super().forward_with_given_boxes(features, instances)
+        self._context = self.global_context(features)[1]
+        try:
+            return super().forward_with_given_boxes(features, instances)
+        finally:
+            self._context = None
+
+    def _forward(self, images, features, proposals, targets=None):
+        if not (
+            self.training
+            and (self.per_stage_masks or self.last_stage_mask or self.stage_loss_weights)
+        ):
             return super().forward(images, features, proposals, targets)
         del images
         proposals = self.label_and_sample_proposals(proposals, targets)
-        self._stage_proposals = [] if self.per_stage_masks else None
+        record = self.per_stage_masks or self.last_stage_mask
+        self._stage_proposals = [] if record else None
         try:
             losses = self._forward_box(features, proposals, targets)
             stage_proposals = self._stage_proposals
@@ -227,10 +278,25 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
             self._stage_proposals = None
         if self.per_stage_masks and self.mask_on:  # (off in the dual-head stage's training)
             losses.update(self._per_stage_mask_losses(features, stage_proposals))
+        elif self.last_stage_mask and self.mask_on:
+            # HTC-Lite: the one mask head learns from the last stage's RoIs. With stage weights
+            # its loss takes their sum, as mmdetection's SCNet weights its one mask head's.
+            last = self.num_cascade_stages - 1
+            mask_losses = self._forward_mask(features, stage_proposals[last])
+            weight = sum(self.stage_loss_weights) if self.stage_loss_weights else 1.0
+            losses.update({k: v * weight for k, v in mask_losses.items()})
         else:
             losses.update(self._forward_mask(features, proposals))
         losses.update(self._forward_keypoint(features, proposals))
         return proposals, losses
+
+    def _add_context(self, x, boxes):
+        """Pooled RoI features plus their image's context vector (unchanged without one)."""
+        if self._context is None:
+            return x
+        counts = torch.as_tensor([len(b) for b in boxes], device=x.device)
+        context = self._context.to(x.dtype).repeat_interleave(counts, dim=0)
+        return x + context[:, :, None, None]
 
     def _stage_weight(self, stage: int) -> float:
         return self.stage_loss_weights[stage] if self.stage_loss_weights else 1.0
@@ -241,7 +307,8 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         losses = {}
         for k, proposals in enumerate(stage_proposals):
             fg, _ = select_foreground_proposals(proposals, self.num_classes)
-            x = self.mask_pooler(feats, [p.proposal_boxes for p in fg])
+            boxes = [p.proposal_boxes for p in fg]
+            x = self._add_context(self.mask_pooler(feats, boxes), boxes)
             with storage.name_scope(f"stage{k}"):  # each head's mask_rcnn/* metrics
                 stage_losses = self.mask_head[k](x, fg)
             for name, value in stage_losses.items():
@@ -251,9 +318,10 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
         proposals = super()._match_and_label_boxes(proposals, stage, targets)
-        if not (self.per_stage_masks and self.mask_on):
+        last = stage == self.num_cascade_stages - 1
+        if not (self.mask_on and (self.per_stage_masks or (self.last_stage_mask and last))):
             return proposals
-        # Every stage trains a mask head: its RoIs need the matched ground truth's masks too
+        # This stage trains a mask head: its RoIs need the matched ground truth's masks too
         # (detectron2 labels later stages with classes and boxes only). The same matcher on
         # the same IoUs gives the same matches.
         for props, trg in zip(proposals, targets):
@@ -267,10 +335,12 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     def _run_stage(self, features, proposals, stage):
         if self.training and self._stage_proposals is not None:
             self._stage_proposals.append(proposals)
-        if not (self.training and self.stage_loss_weights):
-            return super()._run_stage(features, proposals, stage)
-        # mmdetection's: stage losses weighted, no gradient scaling on the pooled features.
-        box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
+        # detectron2's, with the image context added to the pooled features; with stage loss
+        # weights (mmdetection) no gradient scaling on them.
+        boxes = [x.proposal_boxes for x in proposals]
+        box_features = self._add_context(self.box_pooler(features, boxes), boxes)
+        if self.training and not self.stage_loss_weights:
+            box_features = _ScaleGradient.apply(box_features, 1.0 / self.num_cascade_stages)
         box_features = self.box_head[stage](box_features)
         return self.box_predictor[stage](box_features)
 
@@ -313,12 +383,17 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
 
     # ------------------------------------------------------------------ inference
     def _forward_mask(self, features, instances):
+        if not self.mask_on:  # (also TTA's box pass, per-stage heads or not)
+            return {} if self.training else instances
+        if self._context is not None and not self.per_stage_masks:
+            return self._context_mask(features, instances)
         if self.training or not self.per_stage_masks:
             return super()._forward_mask(features, instances)
         # mmdetection's Cascade Mask R-CNN: every stage's head on the final boxes, the mean of
         # their probabilities for each box's predicted class.
         feats = [features[f] for f in self.mask_in_features]
-        x = self.mask_pooler(feats, [i.pred_boxes for i in instances])
+        boxes = [i.pred_boxes for i in instances]
+        x = self._add_context(self.mask_pooler(feats, boxes), boxes)
         classes = cat([i.pred_classes for i in instances])
         rows = torch.arange(len(classes), device=classes.device)
         probs = None
@@ -331,6 +406,15 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         for inst, p in zip(instances, probs.split([len(i) for i in instances])):
             inst.pred_masks = p
         return instances
+
+    def _context_mask(self, features, instances):
+        # detectron2's StandardROIHeads._forward_mask with the context added to the pooled
+        # features.
+        if self.training:
+            instances, _ = select_foreground_proposals(instances, self.num_classes)
+        feats = [features[f] for f in self.mask_in_features]
+        boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
+        return self.mask_head(self._add_context(self.mask_pooler(feats, boxes), boxes), instances)
 
 
 # The names the ROI heads had before one head served every loss; configs naming them keep working.

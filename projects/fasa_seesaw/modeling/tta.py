@@ -18,7 +18,12 @@ import torch
 from fvcore.transforms import NoOpTransform
 
 from detectron2.data.transforms import RandomFlip, ResizeTransform, apply_augmentations
-from detectron2.modeling import DatasetMapperTTA, GeneralizedRCNNWithTTA
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    DatasetMapperTTA,
+    GeneralizedRCNN,
+    GeneralizedRCNNWithTTA,
+)
 
 from ..data.resize import ResizeShortestEdgeCV2, build_mapper
 from ..errors import ConfigError
@@ -39,9 +44,13 @@ def check_tta(cfg) -> None:
         )
     if aug.MAX_SIZE <= 0:
         raise ConfigError(f"TEST.AUG.MAX_SIZE is {aug.MAX_SIZE}; it must be a positive size.")
-    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if not (
+        arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), GeneralizedRCNN)
+    ):
         raise ConfigError(
-            f"TEST.AUG.ENABLED: detectron2's test-time augmentation runs GeneralizedRCNN models; "
+            f"TEST.AUG.ENABLED: detectron2's test-time augmentation runs GeneralizedRCNN models "
+            "(and subclasses such as GlobalContextRCNN); "
             f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}."
         )
     if cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS:
