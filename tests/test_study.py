@@ -378,7 +378,8 @@ class TestSecondStages(unittest.TestCase):
         self.events.append(("start", run.label, threading.get_ident()))
         cmd = run.command(action)
         self.commands[run.label] = cmd
-        time.sleep(0.3)  # long enough for another worker to start meanwhile
+        # seesaw seed 0 runs longest: a free worker reaches its second stage while it runs.
+        time.sleep(1.5 if run.label == "seesaw seed 0" else 0.3)
         rc = 1 if run.label in self.fail else 0
         if rc == 0:
             os.makedirs(run.dir, exist_ok=True)

@@ -414,9 +414,10 @@ class Study:
             name = STARTS_FROM[run.name]
             parent = runs.get((name, run.seed)) or Run(self, name, run.seed)
             run.parent = parent
-            if (name, run.seed) in runs:
-                run.starts_from = parent.key()
+            if (name, run.seed) in runs and parent.action() != "skip":
+                run.starts_from = parent.key()  # it trains (or is evaluated) first
                 continue
+            # Trained already: its record must stand for the model in this --out's folder.
             rec, problem = run.recorded_parent()
             if rec is None:
                 raise StudyError(

@@ -56,8 +56,11 @@ class Run:
         command = rec.get("command", [])
         out_dirs = [b for a, b in zip(command, command[1:]) if a == "OUTPUT_DIR"]
         if out_dirs[-1:] != [p.dir]:
-            return None, f"its record {p.result_file} is of another folder ({out_dirs[-1:]})"
-        key = rec["key"]
+            other = out_dirs[-1] if out_dirs else "none named"
+            return None, f"its record {p.result_file} is of another folder ({other})"
+        key = rec.get("key")
+        if not isinstance(key, dict):
+            return None, f"its record {p.result_file} has no key"
         study_key = json.loads(json.dumps(p.key()))
         for field in ("train_dataset", "settings"):
             if key.get(field) != study_key[field]:
