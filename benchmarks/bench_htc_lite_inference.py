@@ -40,8 +40,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from common import device_name, report_foreign, stats_ms, time_interleaved, wait_until_quiet
-from fasa_common import LVIS_DIR, Part, image_hw, make_batch
+from common import device_name, report_foreign, stats_vs_base, time_interleaved, wait_until_quiet
+from fasa_common import LVIS_DIR, Part, image_hw, inject_proposals, make_batch
 from fasa_seesaw import add_fasa_seesaw_config
 
 BASE = "HTC-Lite"
@@ -84,25 +84,6 @@ def build(name, args, device):
     return cfg, model
 
 
-def fixed_proposals(model, boxes):
-    """The RPN runs, then the box heads get `boxes` as the proposals (as bench_fasa_step's
-    inject_proposals does in training)."""
-    rpn = model.proposal_generator
-    orig = rpn.forward
-
-    def forward(images, features, gt_instances=None):
-        proposals, losses = orig(images, features, gt_instances)
-        out = []
-        for p in proposals:
-            q = Instances(p.image_size)
-            q.proposal_boxes = Boxes(boxes)
-            q.objectness_logits = torch.zeros(len(boxes), device=boxes.device)
-            out.append(q)
-        return out, losses
-
-    rpn.forward = forward
-
-
 def run(args, device, results):
     H, W = image_hw(args.image_size)
     print(
@@ -120,7 +101,7 @@ def run(args, device, results):
     models = {}
     for name in VARIANTS:
         _, model = build(name, args, device)
-        fixed_proposals(model, image["proposals_override"])
+        inject_proposals(model, [image], at_test=True)
         models[name] = model
 
     def full(model):
@@ -152,24 +133,14 @@ def run(args, device, results):
             steps, device, args.warmup, args.reps, guard=(args, part), info=info
         )
         report_foreign(info["other_processes_cores"], f"the kept {part} repetitions")
-        base = np.asarray(times[BASE])
         print(f"\n{part}:\n")
         print("| model | median (ms) | p10 (ms) | p90 (ms) | images/s | vs HTC-Lite: time ratio |")
         print("|---|---:|---:|---:|---:|---:|")
         part_rows = {}
         for name in VARIANTS:
-            r = stats_ms(times[name])
-            ratio = np.asarray(times[name]) / base
+            r, vs = stats_vs_base(times, name, BASE, digits=2)
             r["images_per_s"] = 1000.0 / r["median_ms"]
-            r["ratio_median"] = float(np.median(ratio))
-            r["ratio_p10"] = float(np.percentile(ratio, 10))
-            r["ratio_p90"] = float(np.percentile(ratio, 90))
             part_rows[name] = r
-            vs = (
-                "(base)"
-                if name == BASE
-                else f"{r['ratio_median']:.2f} [{r['ratio_p10']:.2f}, {r['ratio_p90']:.2f}]"
-            )
             print(
                 f"| {name} | {r['median_ms']:.0f} | {r['p10_ms']:.0f} | {r['p90_ms']:.0f} | "
                 f"{r['images_per_s']:.3f} | {vs} |"

@@ -36,7 +36,7 @@ import fasa_common  # (first: sets the data root before detectron2 is imported)
 import numpy as np
 import torch
 
-from common import device_name, report_foreign, stats_ms
+from common import device_name, report_foreign, stats_vs_base
 from fasa_common import (
     TOOLKIT_VARIANTS,
     Part,
@@ -91,23 +91,13 @@ def run(args, device, results):
     batch = make_batch(args, device, num_proposals(args))
     _, logs, times, info, _ = time_variant_steps(args, device, args.variants, batch)
     report_foreign(info["other_processes_cores"], "the kept step repetitions")
-    base = np.asarray(times[BASE])
     rows = {}
     print("| option | median (ms) | p10 (ms) | p90 (ms) | vs CE: median ratio [p10, p90] |")
     print("|---|---:|---:|---:|---:|")
     for name in args.variants:
-        r = stats_ms(times[name])
-        ratio = np.asarray(times[name]) / base
-        r["ratio_median"] = float(np.median(ratio))
-        r["ratio_p10"] = float(np.percentile(ratio, 10))
-        r["ratio_p90"] = float(np.percentile(ratio, 90))
+        r, vs = stats_vs_base(times, name, BASE, digits=3)
         r["losses_finite"] = all(np.isfinite(v) for d in logs[name] for v in d.values())
         rows[name] = r
-        vs = (
-            "(base)"
-            if name == BASE
-            else f"{r['ratio_median']:.3f} [{r['ratio_p10']:.3f}, {r['ratio_p90']:.3f}]"
-        )
         print(f"| {name} | {r['median_ms']:.0f} | {r['p10_ms']:.0f} | {r['p90_ms']:.0f} | {vs} |")
     bad = [n for n, r in rows.items() if not r["losses_finite"]]
     if bad:

@@ -234,6 +234,24 @@ def stats_ms(t):
     }
 
 
+def stats_vs_base(times, name, base, digits=3):
+    """stats_ms of ``times[name]`` plus the median, p10 and p90 over repetitions of its time
+    divided by ``times[base]`` of the same repetition; and the table cell that shows them
+    ("(base)" for the base itself). Returns (stats, cell)."""
+    r = stats_ms(times[name])
+    ratio = np.asarray(times[name]) / np.asarray(times[base])
+    r["ratio_median"] = float(np.median(ratio))
+    r["ratio_p10"] = float(np.percentile(ratio, 10))
+    r["ratio_p90"] = float(np.percentile(ratio, 90))
+    cell = (
+        "(base)"
+        if name == base
+        else f"{r['ratio_median']:.{digits}f} [{r['ratio_p10']:.{digits}f}, "
+        f"{r['ratio_p90']:.{digits}f}]"
+    )
+    return r, cell
+
+
 def time_interleaved(steps, device, warmup, reps, before_each=None, guard=None, info=None):
     """
     Warm up each, then interleave the repetitions so drift affects every variant alike; the

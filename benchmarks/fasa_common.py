@@ -188,14 +188,15 @@ def make_batch(args, device, num_proposals):
     return batch
 
 
-def inject_proposals(model, batch):
+def inject_proposals(model, batch, at_test=False):
     """
     The RPN still runs (forward, losses, NMS), but the ROI heads get the batch's synthetic
     proposals instead of its output. A random-init R50 (no ImageNet weights, FrozenBN) blows its
     activations up and its RPN keeps only a handful of boxes after NMS, so the ROI heads would
     otherwise see a few dozen RoIs per image instead of 512, and only the GT boxes as
     foreground. With this, every image has POST_NMS_TOPK_TRAIN proposals, --fg-per-image of
-    them foreground (GT boxes included), as a trained RPN would give.
+    them foreground (GT boxes included), as a trained RPN would give. With ``at_test`` the
+    box heads get them at inference too (batch: the images in the order the model sees them).
     """
     rpn = model.proposal_generator
     orig = rpn.forward
@@ -203,7 +204,7 @@ def inject_proposals(model, batch):
 
     def forward(images, features, gt_instances=None):
         proposals, losses = orig(images, features, gt_instances)
-        if rpn.training:
+        if rpn.training or at_test:
             out = []
             for p, b in zip(proposals, boxes):
                 q = Instances(p.image_size)
