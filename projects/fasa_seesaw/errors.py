@@ -51,3 +51,8 @@ def check_range(key: str, value, low: float, high: float, *, low_open=False, hig
     if not (above and below):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ConfigError(f"{key} must lie in {interval}; got {value!r}.")
+
+
+def registered_subclass(registry, name: str, cls: type) -> bool:
+    """Whether detectron2 ``registry`` has ``name`` and it is ``cls`` or a subclass of it."""
+    return name in registry and issubclass(registry.get(name), cls)

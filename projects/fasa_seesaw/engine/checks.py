@@ -14,7 +14,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
-from ..errors import ConfigError
+from ..errors import ConfigError, registered_subclass
 from ..modeling.cls_losses import resolve_cls_loss
 from .settings import check_settings
 
@@ -52,9 +52,8 @@ def check_model(cfg):
     from ..modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
     generator = cfg.MODEL.PROPOSAL_GENERATOR.NAME
-    if cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED and not (
-        generator in PROPOSAL_GENERATOR_REGISTRY
-        and issubclass(PROPOSAL_GENERATOR_REGISTRY.get(generator), LongTailRPN)
+    if cfg.MODEL.RPN.NMS_RESAMPLING.ENABLED and not registered_subclass(
+        PROPOSAL_GENERATOR_REGISTRY, generator, LongTailRPN
     ):
         raise ConfigError(
             f"MODEL.RPN.NMS_RESAMPLING.ENABLED needs MODEL.PROPOSAL_GENERATOR.NAME 'LongTailRPN' "
@@ -117,8 +116,8 @@ def check_global_context(cfg, head_class):
             "'LongTailCascadeROIHeads' (or start from an htc_lite config)."
         )
     arch = cfg.MODEL.META_ARCHITECTURE
-    if c.TARGET == "federated" and not (
-        arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), GlobalContextRCNN)
+    if c.TARGET == "federated" and not registered_subclass(
+        META_ARCH_REGISTRY, arch, GlobalContextRCNN
     ):
         raise ConfigError(
             "MODEL.GLOBAL_CONTEXT.TARGET 'federated' needs each image's neg_category_ids, which "

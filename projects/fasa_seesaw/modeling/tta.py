@@ -26,7 +26,7 @@ from detectron2.modeling import (
 )
 
 from ..data.resize import ResizeShortestEdgeCV2, build_mapper
-from ..errors import ConfigError
+from ..errors import ConfigError, registered_subclass
 
 __all__ = ["build_tta_model", "check_tta", "tta_test_mapper"]
 
@@ -45,9 +45,7 @@ def check_tta(cfg) -> None:
     if aug.MAX_SIZE <= 0:
         raise ConfigError(f"TEST.AUG.MAX_SIZE is {aug.MAX_SIZE}; it must be a positive size.")
     arch = cfg.MODEL.META_ARCHITECTURE
-    if not (
-        arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), GeneralizedRCNN)
-    ):
+    if not registered_subclass(META_ARCH_REGISTRY, arch, GeneralizedRCNN):
         raise ConfigError(
             f"TEST.AUG.ENABLED: detectron2's test-time augmentation runs GeneralizedRCNN models "
             "(and subclasses such as GlobalContextRCNN); "
